@@ -1,0 +1,28 @@
+"""Typed errors. Every user mistake raises a DeltahubError subclass; the CLI prints its message
+on one line and exits non-zero (DELTAHUB_DEBUG=1 shows the traceback)."""
+
+from __future__ import annotations
+
+
+class DeltahubError(Exception):
+    """Base class for errors caused by input the user can fix."""
+
+
+class DeltaFormatError(DeltahubError):
+    """A delta folder is truncated, corrupted, of an unknown version or otherwise unreadable."""
+
+
+class ShapeMismatchError(DeltahubError):
+    """Base and fine-tune (or base and delta) disagree on architecture, names or shapes."""
+
+
+class BaseMismatchError(DeltahubError):
+    """A delta is applied over a base whose weights differ from the one it was made for."""
+
+
+class CodecError(DeltahubError):
+    """Unknown codec or invalid codec settings."""
+
+
+class ModelSourceError(DeltahubError):
+    """A model argument cannot be resolved: missing folder, pickle-only weights, unknown repo."""

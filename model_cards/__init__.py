@@ -1,0 +1,1 @@
+"""Model-card templates for delta repos (rendered by deltahub.hub)."""
