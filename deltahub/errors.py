@@ -26,3 +26,23 @@ class CodecError(DeltahubError):
 
 class ModelSourceError(DeltahubError):
     """A model argument cannot be resolved: missing folder, pickle-only weights, unknown repo."""
+
+
+class RemoteServerError(DeltahubError):
+    """A deltahub (or TGI/OpenAI-compatible) server refused or failed a request over HTTP.
+
+    ``kind``: "unavailable" (unreachable or 503), "unknown_variant", "overloaded" (429), "auth"
+    (401/403), "validation" (400/422), "generation" (424, 5xx or an error event mid-stream)."""
+
+    def __init__(self, message: str, *, kind: str, status: int | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+
+class HubError(DeltahubError):
+    """The Hub refused or failed a request: authentication, permissions, network, upload."""
+
+
+class UsageError(DeltahubError):
+    """An option value is invalid or unusable here (e.g. ``--device cuda`` without CUDA)."""

@@ -220,7 +220,9 @@ class DeltaReader:
             try:
                 self._handles[fname] = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error types for bad headers
-                raise DeltaFormatError(f"{path}: unreadable safetensors file ({e}); truncated or corrupted?") from None
+                raise DeltaFormatError(
+                    f"{path}: unreadable safetensors file ({e}); truncated or corrupted?"
+                ) from None
         return self._handles[fname]
 
     def read_array(self, key: str) -> torch.Tensor:
@@ -260,7 +262,9 @@ class DeltaReader:
             return PackedTensor(entry["kind"], tuple(entry["shape"]), parts, codec=entry.get("codec", ""),
                                 layout=layout, info=entry.get("info", {}))
         except Exception as e:
-            raise DeltaFormatError(f"{self.folder / CONFIG_NAME}: tensor {name!r} is inconsistent ({e})") from None
+            raise DeltaFormatError(
+                f"{self.folder / CONFIG_NAME}: tensor {name!r} is inconsistent ({e})"
+            ) from None
 
     def verify(self) -> None:
         """Read and check every stored array."""

@@ -16,13 +16,20 @@ COMMAND_MODULES = [
     "compress",
     "reconstruct",
     "inspect",
+    "ui",
+    "serve",
+    "hub",
+    "push",
+    "pull",
+    "demo",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deltahub",
-        description="Compress full fine-tunes into deltas over their base, share them on the Hub, serve many at once.",
+        description="Compress full fine-tunes into deltas over their base, share them on the Hub, "
+        "serve many at once.",
     )
     parser.add_argument("--version", action="version", version=f"deltahub {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -2,7 +2,8 @@
 supports), run in a subprocess so that its import-time configuration is the user's.
 
 Needs a ``pip install --target DIR huggingface_hub==0.36.0`` (with its dependencies); DIR comes
-from $DELTAHUB_TEST_HF036 (default: .hf036 in the repo root, where the README test command installs it). Skipped when it is absent.
+from $DELTAHUB_TEST_HF036 (default: .hf036 in the repo root,
+where the README test command installs it). Skipped when it is absent.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""HTTP API: TGI- and OpenAI-compatible routes over the engine."""
