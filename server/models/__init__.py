@@ -1,0 +1,1 @@
+"""Compact model definitions (Llama family) whose linears add per-token deltas."""
