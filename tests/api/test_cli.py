@@ -9,7 +9,7 @@ import sys
 import time
 
 import httpx
-from conftest import free_port
+from .conftest import free_port
 
 from deltahub import toy
 from deltahub.cli.main import build_parser

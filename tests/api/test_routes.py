@@ -9,7 +9,7 @@ import re
 
 import httpx
 import pytest
-from conftest import serve
+from .conftest import serve
 
 from deltahub import toy
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from deltahub.server import EngineConfig, SamplingParams
 from deltahub.server.engine import Engine
-from engine_helpers import hf_greedy
+from .engine_helpers import hf_greedy
 
 from deltahub import toy
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from deltahub.server import EngineConfig, SamplingParams
 from deltahub.server.engine import Engine
-from engine_helpers import hf_greedy, reference_model
+from .engine_helpers import hf_greedy, reference_model
 
 from deltahub import toy
 

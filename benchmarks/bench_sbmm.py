@@ -1,0 +1,508 @@
+# ruff: noqa: B023 -- the lambdas built in loops are captured into a CUDA graph before the loop moves on
+"""SBMM / SGMV benchmark on a CUDA GPU -> sbmm.json + sbmm.png (docs/benchmarks/).
+
+Usage: python benchmarks/bench_sbmm.py [--out DIR] [--quick] [--layouts 4:2:4,2:2:4] [--plot-from JSON]
+
+Builds random packed deltas of Llama-2-7B projection shapes on the device (valid 2:4 positions, random
+codes, per-row scales), measures the ceilings (device copy bandwidth counting read + write bytes,
+bf16 GEMM 8192^3), then times every case: tokens B over N distinct deltas (zipf-spread, each touched
+delta gets >= 1 token) out of S = 64 resident slots. Each timing replays a CUDA graph of 8 calls
+that rotate over the 64 slots (so consecutive calls read different deltas and the 60 MB L2 does not
+serve them) and takes the median of 7 replays. The slot grouping (``plan``) is made once per batch,
+as the engine does, and timed on its own. Baselines: (a) dense bf16 deltas applied by a per-delta
+loop (gather tokens, matmul, index_add), (b) our kernel launched once per delta. Each
+(shape, layout) is checked against the float32 reference at B = N = 32 before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from deltahub.kernels import plan, reference
+from deltahub.kernels.sbmm_triton import TUNER, sbmm, tune_key
+from deltahub.kernels.sgmv_triton import sgmv
+
+from deltahub.format import QuantLayout, _to_int32
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # [K, N_out]
+BATCHES = [1, 8, 32, 64, 128, 256]
+NDELTAS = [1, 4, 16, 32, 64]
+PREFILL = [(1024, 1), (1024, 4), (4096, 1), (4096, 4)]
+DEV = "cuda"
+POOL = 64  # resident slots
+ROT = 8  # calls per timed graph, each on other slots
+PAIRS = torch.tensor([4, 8, 12, 9, 13, 14])  # the 6 valid 2:4 nibbles (p0 | p1 << 2), p0 < p1
+
+
+def random_stack(s, n, k, layout, gen):
+    """S random packed deltas [n, k] on the GPU (every bit pattern of qweight is a valid code)."""
+    dev = DEV
+    parts = {}
+    for name, (rows, words) in layout.part_shapes(n, k).items():
+        if name == "scales":
+            parts[name] = torch.rand(s, rows, words, device=dev, generator=gen) * 4e-4 + 1e-4
+        elif name == "meta":
+            per_slot = []
+            for _ in range(s):
+                nib = PAIRS.to(dev)[torch.randint(0, 6, (rows, words, 8), device=dev, generator=gen)]
+                per_slot.append(_to_int32((nib << (4 * torch.arange(8, device=dev))).sum(-1)))
+            parts[name] = torch.stack(per_slot)
+        else:
+            parts[name] = torch.randint(
+                -(2**31), 2**31 - 1, (s, rows, words), device=dev, dtype=torch.int32, generator=gen
+            )
+    return parts
+
+
+CPU_GEN = torch.Generator().manual_seed(0)
+
+
+def zipf_slots(b, n, gen=CPU_GEN):
+    """slot [b] over n deltas: each gets >= 1 token, the rest zipf(1)-distributed, shuffled."""
+    p = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)
+    extra = (
+        torch.multinomial(p / p.sum(), b - n, replacement=True, generator=gen) if b > n else torch.empty(0)
+    )
+    slots = torch.cat([torch.arange(n), extra.long()])
+    return slots[torch.randperm(b, generator=gen)].to(torch.int32)
+
+
+def graph_time_us(calls, reps=7):
+    """Median time per call (us) of a CUDA graph replaying ``calls`` in order."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / len(calls))
+    del g
+    return statistics.median(times)
+
+
+def ceilings():
+    """Copy bandwidth (bytes read + written, a plain device copy timed with events, median of 10)
+    and the bf16 GEMM rate (8192^3, CUDA-graph replays)."""
+    n = 1 << 29  # 2 GiB of float32 per buffer
+    src = torch.rand(n, device=DEV)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        e.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(a.elapsed_time(e) * 1000)
+    copy_gbps = 2 * 4 * n / statistics.median(times) / 1e3
+    del src, dst
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    us = graph_time_us([lambda: a @ b] * 4)
+    return copy_gbps, 2 * 8192**3 / us / 1e6
+
+
+def check_configs(st, layout, k, n):
+    """Every launch config vs the reference at B = N = 32 on this shape -> {config: max rel err}.
+    Configs that fail (error or wrong result) are dropped from the autotuner's candidates."""
+    from deltahub.kernels import sbmm_triton
+
+    slot = zipf_slots(32, min(32, POOL)).to(DEV)
+    x = torch.randn(32, k, device=DEV, dtype=torch.bfloat16)
+    kw = dict(
+        bits=layout.bits,
+        sparse=layout.sparse,
+        group_size=None,
+        k=k,
+        meta=st.get("meta"),
+        qweight_hi=st.get("qweight_hi"),
+    )
+    want = reference.sbmm(x.float(), st["qweight"], st["scales"], slot, **kw)
+    errs = {}
+    for cands in (sbmm_triton.DECODE_CONFIGS, sbmm_triton.PREFILL_CONFIGS):
+        for c in list(cands):
+            out = torch.zeros(32, n, device=DEV, dtype=torch.bfloat16)
+            try:
+                sbmm(x, st["qweight"], st["scales"], slot, **kw, out=out, config=c)
+                err = ((out.float() - want).abs().max() / want.abs().max()).item()
+            except Exception as exc:  # compile failure on this triton: drop the config
+                traceback.print_exc()
+                err = repr(exc)[:200]
+            errs[str(list(c))] = err
+            if not (isinstance(err, float) and err < 2e-2):
+                print(f"config {c} fails on bits={layout.bits} {layout.sparsity}: {err}", flush=True)
+                cands.remove(c)
+    return errs
+
+
+def bench_layout(layout, k, n, rows, args, gen, dense_pool):
+    st = random_stack(POOL, n, k, layout, gen)
+    delta_bytes = sum(v[0].numel() * 4 for v in st.values())
+    errs = check_configs(st, layout, k, n)
+    args.checks[f"{layout.bits}:{layout.sparsity}:{k}x{n}"] = errs
+    print(f"check bits={layout.bits} {layout.sparsity} [{k},{n}]: max rel err per config {errs}", flush=True)
+    kw = dict(
+        bits=layout.bits,
+        sparse=layout.sparse,
+        group_size=None,
+        k=k,
+        meta=st.get("meta"),
+        qweight_hi=st.get("qweight_hi"),
+    )
+    cases = [(b, nd) for b in BATCHES for nd in NDELTAS if nd <= b]
+    if args.quick:
+        cases = [(1, 1), (32, 32), (64, 16), (256, 4)]
+    cases += [] if args.quick else PREFILL
+    for b, nd in cases:
+        try:
+            rows.append(_sbmm_case(st, kw, layout, k, n, b, nd, args, dense_pool, delta_bytes))
+        except Exception as exc:  # keep the other cases; the JSON says what failed
+            traceback.print_exc()
+            rows.append(
+                {
+                    "op": "sbmm",
+                    "bits": layout.bits,
+                    "sparsity": layout.sparsity,
+                    "shape": [k, n],
+                    "B": b,
+                    "N": nd,
+                    "error": repr(exc)[:300],
+                }
+            )
+
+
+def _sbmm_case(st, kw, layout, k, n, b, nd, args, dense_pool, delta_bytes):
+    base = zipf_slots(b, nd).to(DEV)
+    x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
+    out = torch.zeros(b, n, device=DEV, dtype=torch.bfloat16)
+    rots = [(base + r * nd) % POOL for r in range(max(ROT, POOL // nd))]
+    plans = [plan(s, POOL) for s in rots]
+    sbmm(x, st["qweight"], st["scales"], rots[0], **kw, out=out, plan_=plans[0])  # tunes this key
+    cfg = TUNER.best[tune_key(x.dtype, k, n, layout.bits, layout.sparse, None, POOL, b)]
+    t_ours = graph_time_us(
+        [
+            lambda s=s, p=p: sbmm(x, st["qweight"], st["scales"], s, **kw, out=out, plan_=p)
+            for s, p in zip(rots, plans, strict=True)
+        ]
+    )
+    try:
+        t_plan = graph_time_us([lambda s=s: plan(s, POOL) for s in rots])
+    except RuntimeError:  # the grouping ops could not be captured: time them without a graph
+        torch.cuda.synchronize()
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for s in rots:
+            plan(s, POOL)
+        e.record()
+        torch.cuda.synchronize()
+        t_plan = a.elapsed_time(e) * 1000 / len(rots)
+    # (b) one launch of our kernel per delta (same config), each on a one-slot view
+    per = []
+    for s in rots:
+        for d in torch.unique(s).tolist():
+            sl = torch.where(s == d, 0, -1).to(torch.int32)
+            per.append((sl, plan(sl, 1), {name: v[d : d + 1] for name, v in st.items()}))
+    t_per = (
+        graph_time_us(
+            [
+                lambda sl=sl, p=p, v=v: sbmm(
+                    x,
+                    v["qweight"],
+                    v["scales"],
+                    sl,
+                    **{**kw, "meta": v.get("meta"), "qweight_hi": v.get("qweight_hi")},
+                    out=out,
+                    plan_=p,
+                    config=cfg,
+                )
+                for sl, p, v in per
+            ]
+        )
+        * len(per)
+        / len(rots)
+    )
+    # (a) dense bf16 deltas, per-delta loop
+    loops = [
+        [((s == d).nonzero().squeeze(1), dense_pool[d]) for d in torch.unique(s).tolist()] for s in rots[:4]
+    ]
+
+    def dense_loop(steps):
+        for idx, w in steps:
+            out.index_add_(0, idx, x.index_select(0, idx) @ w.T)
+
+    t_dense = graph_time_us([lambda st_=st_: dense_loop(st_) for st_ in loops])
+    nbytes = nd * delta_bytes + x.numel() * 2 + out.numel() * 2
+    row = {
+        "op": "sbmm",
+        "bits": layout.bits,
+        "sparsity": layout.sparsity,
+        "shape": [k, n],
+        "B": b,
+        "N": nd,
+        "time_us": round(t_ours, 2),
+        "floor_us": round(nbytes / args.copy_gbps / 1e3, 2),
+        "bytes": nbytes,
+        "gbps": round(nbytes / t_ours / 1e3, 1),
+        "pct_copy_bw": round(100 * nbytes / t_ours / 1e3 / args.copy_gbps, 1),
+        "speedup_vs_dense_loop": round(t_dense / t_ours, 2),
+        "speedup_vs_per_delta_launch": round(t_per / t_ours, 2),
+        "dense_loop_us": round(t_dense, 1),
+        "per_delta_launch_us": round(t_per, 1),
+        "plan_us": round(t_plan, 2),
+        "config": list(cfg),
+    }
+    if b >= 1024:
+        tf = 2 * b * k * n / t_ours / 1e6
+        row.update(tflops=round(tf, 1), pct_bf16_gemm=round(100 * tf / args.bf16_tflops, 1))
+    print(
+        f"{layout.bits}b {layout.sparsity:4} [{k:5},{n:5}] B={b:4} N={nd:2}: {t_ours:8.1f} us "
+        f"{row['pct_copy_bw']:5.1f}% bw  x{row['speedup_vs_dense_loop']:6.1f} dense  "
+        f"x{row['speedup_vs_per_delta_launch']:5.1f} per-delta  {cfg}",
+        flush=True,
+    )
+    return row
+
+
+def bench_sgmv(k, n, rows, args, gen):
+    for rank in (16, 64):
+        a = torch.randn(POOL, rank, k, device=DEV, dtype=torch.bfloat16, generator=gen) * 0.02
+        bm = torch.randn(POOL, n, rank, device=DEV, dtype=torch.bfloat16, generator=gen) * 0.02
+        for b, nd in [(32, 32), (64, 16)] if args.quick else [(1, 1), (32, 32), (64, 16), (256, 4)]:
+            base = zipf_slots(b, nd).to(DEV)
+            x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
+            out = torch.zeros(b, n, device=DEV, dtype=torch.bfloat16)
+            rots = [(base + r * nd) % POOL for r in range(max(ROT, POOL // nd))]
+            plans = [plan(s, POOL) for s in rots]
+            t_ours = graph_time_us(
+                [
+                    lambda s=s, p=p: sgmv(x, a, bm, s, out=out, plan_=p)
+                    for s, p in zip(rots, plans, strict=True)
+                ]
+            )
+            per = []
+            for s in rots:
+                for d in torch.unique(s).tolist():
+                    sl = torch.where(s == d, 0, -1).to(torch.int32)
+                    per.append((sl, plan(sl, 1), d))
+            t_per = (
+                graph_time_us(
+                    [
+                        lambda sl=sl, p=p, d=d: sgmv(x, a[d : d + 1], bm[d : d + 1], sl, out=out, plan_=p)
+                        for sl, p, d in per
+                    ]
+                )
+                * len(per)
+                / len(rots)
+            )
+            loops = [[((s == d).nonzero().squeeze(1), d) for d in torch.unique(s).tolist()] for s in rots[:4]]
+
+            def loop(steps):
+                for idx, d in steps:
+                    out.index_add_(0, idx, (x.index_select(0, idx) @ a[d].T) @ bm[d].T)
+
+            t_loop = graph_time_us([lambda st_=st_: loop(st_) for st_ in loops])
+            nbytes = nd * (rank * k + n * rank) * 2 + x.numel() * 2 + out.numel() * 2
+            rows.append(
+                {
+                    "op": "sgmv",
+                    "bits": 16,
+                    "sparsity": "none",
+                    "rank": rank,
+                    "shape": [k, n],
+                    "B": b,
+                    "N": nd,
+                    "time_us": round(t_ours, 2),
+                    "bytes": nbytes,
+                    "gbps": round(nbytes / t_ours / 1e3, 1),
+                    "pct_copy_bw": round(100 * nbytes / t_ours / 1e3 / args.copy_gbps, 1),
+                    "speedup_vs_dense_loop": round(t_loop / t_ours, 2),
+                    "speedup_vs_per_delta_launch": round(t_per / t_ours, 2),
+                    "dense_loop_us": round(t_loop, 1),
+                    "per_delta_launch_us": round(t_per, 1),
+                }
+            )
+            print(
+                f"sgmv r={rank} [{k},{n}] B={b} N={nd}: {t_ours:.1f} us {rows[-1]['pct_copy_bw']}% bw "
+                f"x{rows[-1]['speedup_vs_dense_loop']} loop "
+                f"x{rows[-1]['speedup_vs_per_delta_launch']} per-delta",
+                flush=True,
+            )
+
+
+def targets(rows):
+    """The issue's targets, and by how much each case in their domain misses them."""
+    misses = []
+    for r in rows:
+        if (
+            r["op"] == "sbmm"
+            and r["sparsity"] == "2:4"
+            and r["bits"] in (2, 4)
+            and r["B"] <= 64
+            and r["N"] >= 8
+        ):
+            if r["pct_copy_bw"] < 75:
+                misses.append(
+                    {
+                        "case": [r["bits"], r["shape"], r["B"], r["N"]],
+                        "target": "pct_copy_bw >= 75",
+                        "got": r["pct_copy_bw"],
+                        "short_by_points": round(75 - r["pct_copy_bw"], 1),
+                    }
+                )
+            if r["N"] == 32 and r["B"] == 32 and r["speedup_vs_dense_loop"] < 8:
+                misses.append(
+                    {
+                        "case": [r["bits"], r["shape"], 32, 32],
+                        "target": "speedup_vs_dense_loop >= 8",
+                        "got": r["speedup_vs_dense_loop"],
+                        "short_by_x": round(8 - r["speedup_vs_dense_loop"], 2),
+                    }
+                )
+    return {"pct_copy_bw_min": 75, "speedup_vs_dense_loop_min_at_N32_B32": 8, "misses": misses}
+
+
+def plot(rows, path):
+    rows = [r for r in rows if "error" not in r]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, b in zip(axes, (32, 64), strict=True):
+        for k, n in SHAPES:
+            for bits in (4, 2):
+                pts = sorted(
+                    (r["N"], r["time_us"])
+                    for r in rows
+                    if r["op"] == "sbmm"
+                    and r["B"] == b
+                    and r["bits"] == bits
+                    and r["sparsity"] == "2:4"
+                    and r["shape"] == [k, n]
+                )
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=f"SBMM {bits}-bit 2:4 [{k}x{n}]")
+        pts = sorted(
+            (r["N"], r["dense_loop_us"])
+            for r in rows
+            if r["op"] == "sbmm"
+            and r["B"] == b
+            and r["bits"] == 4
+            and r["sparsity"] == "2:4"
+            and r["shape"] == [4096, 11008]
+        )
+        if pts:
+            ax.plot(
+                *zip(*pts, strict=True), "k--", marker="x", label="dense bf16 per-delta loop [4096x11008]"
+            )
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="distinct deltas N",
+            ylabel="time per projection (us)",
+            title=f"B = {b} tokens (zipf over N deltas)",
+        )
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "docs/benchmarks"))
+    ap.add_argument("--quick", action="store_true", help="a few cases per shape (smoke run)")
+    ap.add_argument("--layouts", default="4:2:4,2:2:4", help="bits:sparsity list, e.g. 4:2:4,3:2:4,4:none")
+    ap.add_argument("--no-sgmv", action="store_true")
+    ap.add_argument("--plot-from", metavar="JSON", help="only redraw sbmm.png from a results file (no GPU)")
+    args = ap.parse_args(argv)
+    if args.plot_from:
+        plot(json.loads(Path(args.plot_from).read_text())["rows"], Path(args.out) / "sbmm.png")
+        return 0
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    torch.manual_seed(0)
+    args.copy_gbps, args.bf16_tflops = ceilings()
+    args.checks = {}
+    import triton
+
+    result = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if DEV == "cuda" else DEV,
+        "versions": {
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+        },
+        "copy_gbps": round(args.copy_gbps, 1),
+        "bf16_tflops": round(args.bf16_tflops, 1),
+        "pool_slots": POOL,
+        "correctness_max_rel_err": args.checks,
+        "rows": [],
+    }
+    print(f"ceilings: copy {args.copy_gbps:.0f} GB/s, bf16 GEMM {args.bf16_tflops:.0f} TFLOP/s", flush=True)
+    layouts = []
+    for spec in args.layouts.split(","):
+        bits, sparsity = spec.split(":", 1)
+        layouts.append(QuantLayout(int(bits), sparsity))
+    t0 = time.time()
+    for k, n in SHAPES:
+        dense_pool = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 1e-3 for _ in range(POOL)]
+        for layout in layouts:
+            bench_layout(layout, k, n, result["rows"], args, gen, dense_pool)
+            _write(result, out_dir)
+        del dense_pool
+        if not args.no_sgmv:
+            bench_sgmv(k, n, result["rows"], args, gen)
+        _write(result, out_dir)
+    result["targets"] = targets(result["rows"])
+    result["tuning"] = {
+        str(key): {str(list(c)): round(v * 1000, 1) for c, v in tim.items()}
+        for key, tim in TUNER.timings.items()
+    }
+    result["wall_s"] = round(time.time() - t0, 1)
+    _write(result, out_dir)
+    try:
+        plot(result["rows"], out_dir / "sbmm.png")
+    except ImportError as exc:
+        print(f"no plot: {exc}")
+    print(json.dumps(result["targets"], indent=1)[:3000])
+    return 0
+
+
+def _write(result, out_dir):
+    result["targets"] = targets(result["rows"])
+    (out_dir / "sbmm.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

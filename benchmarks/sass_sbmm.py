@@ -1,0 +1,110 @@
+"""Static cost of SBMM launch configs, without a GPU: compile for sm_90, count SASS in the K loop.
+
+Usage: python benchmarks/sass_sbmm.py "4,1,3,16,128,1024,8,2" "4,1,0,16,64,128,4,4" ...
+       (bits, sparse 0/1, mode, block_m, block_n, block_k, num_warps, num_stages)
+
+Compiles ``_sbmm_kernel`` with triton's own ptxas for an H100/H200 target, disassembles it with the
+nvdisasm that ships with triton, finds the longest backward branch (the K loop) and prints its
+instruction count per stored value per thread, the top opcodes, and the number of layout
+conversions in the TTGIR (each one a round trip through shared memory unless trivial).
+Specialisations mimic a real call: unit K and N strides, K and N multiples of the blocks (EVEN).
+See benchmarks/NOTES-sbmm.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from deltahub.kernels.sbmm_triton import _sbmm_kernel, _unit_values
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+POINTERS = {
+    "x_ptr": "*bf16",
+    "qw_ptr": "*i32",
+    "qh_ptr": "*i32",
+    "meta_ptr": "*i32",
+    "sc_ptr": "*fp32",
+    "out_ptr": "*bf16",
+    "order_ptr": "*i32",
+    "seg_ptr": "*i32",
+}
+
+
+def compile_config(bits, sparse, mode, bm, bn, bk, warps, stages):
+    if mode == 3:
+        bk = max(bk, 16 * (2 if sparse else 1) * _unit_values(bits, sparse))
+    const = dict(
+        BITS=bits,
+        SPARSE=sparse,
+        GROUP=0,
+        ZP=(2**bits - 1) / 2,
+        S_P2=64,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        MODE=mode,
+        IEEE=False,
+        SCALE_IN=False,
+        PER_TILE=False,
+        GATHER=mode == 2 and sparse,
+        BIASED=not (mode == 2 and sparse),
+        EVEN=True,
+        s_xk=1,
+        s_on=1,
+    )
+    names = list(inspect.signature(_sbmm_kernel.fn).parameters)
+    sig = {n: "constexpr" if n in const else POINTERS.get(n, "i32") for n in names}
+    src = ASTSource(_sbmm_kernel, sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    return triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)
+    )
+
+
+def loop_instructions(cubin: bytes) -> list[str]:
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    labels, ops = {}, []
+    for line in text.splitlines():
+        if m := re.match(r"\s*\.(L_x_\d+):", line):
+            labels[m.group(1)] = len(ops)
+        elif m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)(.*)", line):
+            ops.append((m.group(1).split(".")[0], m.group(2)))
+    best = (0, 0)
+    for i, (op, rest) in enumerate(ops):
+        target = re.search(r"(L_x_\d+)", rest) if op == "BRA" else None
+        if target and labels.get(target.group(1), i) < i and i - labels[target.group(1)] > best[1] - best[0]:
+            best = (labels[target.group(1)], i)
+    return [op for op, _ in ops[best[0] : best[1] + 1]]
+
+
+def main(argv: list[str]) -> int:
+    for spec in argv or ["4,1,0,16,64,128,4,4", "4,1,3,16,128,1024,8,2", "4,0,3,16,128,512,8,3"]:
+        bits, sparse, mode, bm, bn, bk, warps, stages = (int(v) for v in spec.split(","))
+        k = compile_config(bits, bool(sparse), mode, bm, bn, bk, warps, stages)
+        body = loop_instructions(k.asm["cubin"])
+        bk_eff = max(bk, 16 * (2 if sparse else 1) * _unit_values(bits, bool(sparse))) if mode == 3 else bk
+        stored = bn * bk_eff // (2 if sparse else 1)
+        cvt = k.asm["ttgir"].count("ttg.convert_layout")
+        top = collections.Counter(body).most_common(8)
+        print(
+            f"{spec}: {len(body)} instr/loop, {len(body) * warps * 32 / stored:.1f} per stored value, "
+            f"smem {k.metadata.shared} B, {cvt} layout conversions; {top}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

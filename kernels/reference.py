@@ -1,0 +1,167 @@
+"""Float32 torch semantics of every kernel op: the tests' oracle and the CPU serving path.
+
+Each op loops over the *slots present in the batch* (never over tokens) and dequantizes a slot's
+delta with deltahub.format, so the result is the format's own definition of Δ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltahub.errors import ShapeMismatchError
+from deltahub.format import PackedTensor, QuantLayout, dequantize
+
+
+def _layout(bits: int, sparse: bool, group_size: int | None) -> QuantLayout:
+    return QuantLayout(bits=bits, sparsity="2:4" if sparse else "none", group_size=group_size)
+
+
+def _slot_parts(s: int, rows: torch.Tensor | slice, **parts: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {name: t[s][rows] for name, t in parts.items() if t is not None}
+
+
+def dequant_slot(
+    s: int,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    bits: int,
+    sparse: bool,
+    group_size: int | None,
+    k: int,
+    meta: torch.Tensor | None = None,
+    qweight_hi: torch.Tensor | None = None,
+    rows: torch.Tensor | slice | None = None,
+) -> torch.Tensor:
+    """Δ of slot ``s`` (optionally only ``rows``) as float32 [n_rows, k]."""
+    rows = slice(None) if rows is None else rows
+    parts = _slot_parts(s, rows, qweight=qweight, scales=scales, meta=meta, qweight_hi=qweight_hi)
+    n = parts["qweight"].shape[0]
+    packed = PackedTensor("qlinear", (n, k), parts, layout=_layout(bits, sparse, group_size))
+    return dequantize(packed)
+
+
+def _present_slots(slot: torch.Tensor, n_slots: int) -> list[int]:
+    if slot.dim() != 1:
+        raise ShapeMismatchError(f"slot must be 1-D, got shape {tuple(slot.shape)}")
+    present = torch.unique(slot[slot >= 0]).tolist()
+    if present and present[-1] >= n_slots:
+        raise ShapeMismatchError(f"slot index {present[-1]} out of range for {n_slots} stacked slots")
+    return present
+
+
+def _out(out: torch.Tensor | None, t: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.zeros(t, n, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != (t, n):
+        raise ShapeMismatchError(f"out must have shape {(t, n)}, got {tuple(out.shape)}")
+    return out
+
+
+def sbmm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    slot: torch.Tensor,
+    *,
+    bits: int,
+    sparse: bool,
+    group_size: int | None,
+    k: int,
+    meta: torch.Tensor | None = None,
+    qweight_hi: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Semantics: out[t, :] += x[t, :] @ dequant(Δ[slot[t]])ᵀ for every t with slot[t] >= 0.
+
+    Shape: x [T, k]; qweight [S, N, Wq]; scales [S, N, G]; meta [S, N, Wm]; qweight_hi [S, N, Wh];
+    slot [T]; out [T, N] (same dtype as x). Computed in float32, added in out's dtype.
+    """
+    t, n = x.shape[0], qweight.shape[1]
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ShapeMismatchError(f"x must be [T, {k}], got {tuple(x.shape)}")
+    out = _out(out, t, n, x)
+    for s in _present_slots(slot, qweight.shape[0]):
+        idx = (slot == s).nonzero().squeeze(1)
+        delta = dequant_slot(
+            s,
+            qweight,
+            scales,
+            bits=bits,
+            sparse=sparse,
+            group_size=group_size,
+            k=k,
+            meta=meta,
+            qweight_hi=qweight_hi,
+        )
+        y = x[idx].to(torch.float32) @ delta.T
+        out[idx] = (out[idx].to(torch.float32) + y).to(out.dtype)
+    return out
+
+
+def sgmv(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slot: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Semantics: out[t] += scale[slot[t]] * (x[t] @ lora_a[slot[t]]ᵀ) @ lora_b[slot[t]]ᵀ (slot >= 0).
+
+    Shape: x [T, K]; lora_a [S, r, K]; lora_b [S, N, r]; scale [S] or None (= 1); slot [T];
+    out [T, N] (same dtype as x).
+    """
+    t, n = x.shape[0], lora_b.shape[1]
+    if lora_a.shape[2] != x.shape[1] or lora_b.shape[2] != lora_a.shape[1]:
+        raise ShapeMismatchError(
+            f"LoRA shapes do not chain: x {tuple(x.shape)}, A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}"
+        )
+    out = _out(out, t, n, x)
+    for s in _present_slots(slot, lora_a.shape[0]):
+        idx = (slot == s).nonzero().squeeze(1)
+        h = x[idx].to(torch.float32) @ lora_a[s].to(torch.float32).T
+        y = h @ lora_b[s].to(torch.float32).T
+        if scale is not None:
+            y = y * scale[s].to(torch.float32)
+        out[idx] = (out[idx].to(torch.float32) + y).to(out.dtype)
+    return out
+
+
+def embedding_delta(
+    ids: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    slot: torch.Tensor,
+    *,
+    bits: int,
+    sparse: bool,
+    group_size: int | None,
+    k: int,
+    meta: torch.Tensor | None = None,
+    qweight_hi: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Semantics: out[t] = dequant(Δ[slot[t]])[ids[t]] (zeros where slot[t] < 0).
+
+    Shape: ids [T]; qweight [S, V, Wq] (the embedding's delta, V rows); slot [T] -> out [T, k] fp32.
+    Only the rows looked up are dequantized.
+    """
+    if ids.shape != slot.shape:
+        raise ShapeMismatchError(f"ids {tuple(ids.shape)} and slot {tuple(slot.shape)} differ")
+    out = torch.zeros(ids.shape[0], k, dtype=torch.float32, device=ids.device)
+    for s in _present_slots(slot, qweight.shape[0]):
+        idx = (slot == s).nonzero().squeeze(1)
+        out[idx] = dequant_slot(
+            s,
+            qweight,
+            scales,
+            bits=bits,
+            sparse=sparse,
+            group_size=group_size,
+            k=k,
+            meta=meta,
+            qweight_hi=qweight_hi,
+            rows=ids[idx].long(),
+        )
+    return out
