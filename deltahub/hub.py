@@ -90,7 +90,8 @@ def _translate(repo_id: str, revision: str | None = None, *, error: type[Deltahu
     except DeltahubError:
         raise
     except hf.LocalTokenNotFoundError:
-        raise error(f"no Hub token found (needed to {action} {at}): pass --token, set HF_TOKEN or log in") from None
+        raise error(f"no Hub token found (needed to {action} {at}): pass --token, set HF_TOKEN or "
+                    f"log in") from None
     except hf.GatedRepoError:
         raise error(f"{at} is gated on {where}: accept its conditions there and pass a token "
                     f"(--token or HF_TOKEN)") from None
@@ -191,7 +192,13 @@ def resolve_repo(repo_id: str, *, revision: str | None = None, token: str | None
                                  endpoint=constants.hf_endpoint(), token=token, local_files_only=offline,
                                  allow_patterns=patterns, library_name="deltahub")
     path = Path(path)
-    _check_files(repo_id, [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()], kind)
+    try:
+        _check_files(repo_id, [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()], kind)
+    except ModelSourceError as e:
+        if offline:
+            raise ModelSourceError(f"{e} in the local cache, and HF_HUB_OFFLINE=1 forbids downloading "
+                                   f"them") from None
+        raise
     return ResolvedModel(path, repo_id, path.name, False)
 
 

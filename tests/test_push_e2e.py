@@ -121,6 +121,7 @@ def test_push_reconstruct_roundtrip(hub_env, toy_models, toy_tokenizer, tmp_path
     rc, out, err = cli(capsys, "pull", "org/upper-delta")
     pulled = Path(out.strip())
     assert rc == 0 and (pulled / "delta_config.json").is_file(), err
+    assert "base org/base@" in err and "weights match the delta's fingerprint" in err
     assert pulled.is_relative_to(tmp_path / "fresh-hf" / "hub")
 
     # over another base: refused, naming both
