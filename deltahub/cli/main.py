@@ -16,11 +16,11 @@ COMMAND_MODULES = [
     "compress",
     "reconstruct",
     "inspect",
-    "ui",
-    "serve",
-    "hub",
     "push",
     "pull",
+    "serve",
+    "ui",
+    "hub",
     "demo",
 ]
 

@@ -1,0 +1,612 @@
+"""The quality benchmark: real fine-tunes of SmolLM2-135M-Instruct, every codec, held-out perplexity.
+
+One re-runnable command on one GPU (see README.md beside this file for the two device calls that
+carry the data there):
+
+    python benchmarks/quality/run_quality.py --out $OUT
+
+1. Reassembles the GGUF carried in two halves (data/carry1 + data/carry2), converts it to a bf16
+   base (checking the weights fingerprint recorded by prepare_data.py).
+2. Fine-tunes the base on each domain (full parameters, AdamW, bf16 autocast, fp32 master
+   weights; saved in bf16), in parallel processes.
+3. Compresses every fine-tune with every codec setting through ``deltahub.compress`` and evaluates
+   the reconstructed model (``deltahub.evaluate``) on its domain's held-out text and on general
+   text; jobs run in a pool of processes sharing the GPU.
+4. Writes quality.json (rows + fine-tune summary + command/date/device/versions), quality.png and
+   quality_table.md into --out, after every finished job (a run cut short keeps what it has).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+DATA = HERE / "data"
+
+# (label, method, bits, sparsity, options); "lowrank" gets its budget from "obs 2-bit 2:4".
+SETTINGS = [
+    ("obs 2-bit 2:4", "obs", 2, "2:4", {}),
+    ("obs 4-bit 2:4", "obs", 4, "2:4", {}),
+    ("obs 3-bit 2:4", "obs", 3, "2:4", {}),
+    ("obs 4-bit dense", "obs", 4, "none", {}),
+    ("rtn 4-bit 2:4", "rtn", 4, "2:4", {}),
+    ("rtn 2-bit 2:4", "rtn", 2, "2:4", {}),
+    ("bitdelta", "bitdelta", 1, "none", {}),
+    ("bitdelta + scale distillation", "bitdelta", 1, "none", {"distill": True}),
+    ("dare p=0.5 (2:4) 4-bit", "dare", 4, "2:4", {"p": 0.5}),
+    ("dare p=0.5 (2:4) 2-bit", "dare", 2, "2:4", {"p": 0.5}),
+    ("lowrank @ obs 2-bit 2:4 bytes", "lowrank", 0, "none", {"budget_of": "obs 2-bit 2:4"}),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (run in child processes)
+
+
+def _setup_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _tokens(name: str, tokens_dir: Path):
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.load(tokens_dir / f"{name}.npy").astype("int64"))
+
+
+def finetune_worker(domain: str, a: dict) -> dict:
+    """Train one fine-tune, save it in bf16, evaluate it; returns its summary."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltahub.evaluate import load_model, perplexity
+
+    _setup_worker(a["threads"])
+    t0 = time.time()
+    dev = torch.device(a["device"])
+    torch.manual_seed(a["seed"])
+    data = _tokens(f"{domain}_train", Path(a["tokens"]))
+    model = AutoModelForCausalLM.from_pretrained(a["base"], dtype=torch.float32).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=a["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    steps, warm = a["steps"], max(1, a["steps"] // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        ),
+    )
+    g = torch.Generator().manual_seed(a["seed"])
+    L, B = a["seq_len"], a["batch"]
+    losses = []
+    for _ in range(steps):
+        starts = torch.randint(0, data.numel() - L - 1, (B,), generator=g)
+        x = torch.stack([data[s : s + L] for s in starts.tolist()]).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    out = Path(a["work"]) / "finetunes" / domain
+    model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
+    AutoTokenizer.from_pretrained(a["base"]).save_pretrained(str(out))
+    del model, opt
+    train_s = time.time() - t0
+    m = load_model(out, dev)
+    res = {
+        "domain": domain,
+        "steps": steps,
+        "lr": a["lr"],
+        "batch": B,
+        "seq_len": L,
+        "train_tokens_seen": steps * B * L,
+        "train_tokens_unique": int(data.numel()),
+        "loss_first10": sum(losses[:10]) / len(losses[:10]),
+        "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "train_seconds": round(train_s, 1),
+        "folder": str(out),
+    }
+    for which in (domain, a["general"]):
+        ids = _tokens(f"{which}_heldout", Path(a["tokens"]))[: a["eval_tokens"]]
+        res[f"ppl_{'domain' if which == domain else 'general'}"] = perplexity(
+            m, ids, seq_len=a["eval_seq_len"]
+        )[0]
+    return res
+
+
+def eval_base_worker(a: dict, names: list[str]) -> dict:
+    """Perplexity of the base on every held-out set."""
+    from deltahub.evaluate import load_model, perplexity
+
+    _setup_worker(a["threads"])
+    m = load_model(a["base"], a["device"])
+    return {
+        n: perplexity(
+            m, _tokens(f"{n}_heldout", Path(a["tokens"]))[: a["eval_tokens"]], seq_len=a["eval_seq_len"]
+        )[0]
+        for n in names
+    }
+
+
+def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
+    """Compress one fine-tune with one setting, evaluate the reconstruction; returns a row."""
+    import torch
+
+    from deltahub.compress import CompressConfig, compress
+    from deltahub.evaluate import load_reconstructed, perplexity
+
+    _setup_worker(a["threads"])
+    label, method, bits, sparsity, options = setting
+    opts = {k: v for k, v in options.items() if k not in ("distill", "budget_of")}
+    if method == "lowrank":
+        opts["bits_per_weight"] = extra["bits_per_weight"]
+    ft = Path(a["work"]) / "finetunes" / domain
+    delta = Path(a["work"]) / "deltas" / domain / label.replace(" ", "_").replace("/", "_")
+    cfg = CompressConfig(
+        method=method,
+        bits=max(bits, 2),
+        sparsity=sparsity,
+        calibration_samples=a["calib_samples"],
+        seq_len=a["calib_seq_len"],
+        calibration_data=str(Path(a["calib"]) / f"{domain}.txt"),
+        device=a["device"],
+        options=opts,
+    )
+    t0 = time.time()
+    dcfg = compress(a["base"], ft, delta, cfg, progress=False)
+    distill = None
+    if options.get("distill"):
+        from deltahub.codecs.bitdelta import distill_scales
+
+        distill = distill_scales(
+            delta,
+            base=a["base"],
+            finetuned=ft,
+            calibration_data=cfg.calibration_data,
+            steps=a["distill_steps"],
+            device=a["device"],
+        )
+        from deltahub.store import DeltaReader
+
+        dcfg = DeltaReader(delta).config
+        stored = sum(r["stored_bytes"] for r in dcfg.storage.values())
+        dcfg.stats["payload_bytes"] = stored
+        dcfg.stats["ratio_vs_bf16"] = dcfg.stats["finetuned_bf16_bytes"] / stored
+    seconds = time.time() - t0
+    model = load_reconstructed(delta, a["base"], a["device"])
+    ppl_d = perplexity(
+        model, _tokens(f"{domain}_heldout", Path(a["tokens"]))[: a["eval_tokens"]], seq_len=a["eval_seq_len"]
+    )[0]
+    ppl_g = perplexity(
+        model,
+        _tokens(f"{a['general']}_heldout", Path(a["tokens"]))[: a["eval_tokens"]],
+        seq_len=a["eval_seq_len"],
+    )[0]
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    st = dcfg.stats
+    matrix_params = sum(math.prod(t["shape"]) for t in dcfg.tensors.values() if t["kind"] != "dense")
+    return {
+        "codec": label,
+        "method": method,
+        "bits": bits if method != "lowrank" else None,
+        "sparsity": sparsity if method != "lowrank" else None,
+        "options": opts,
+        "payload_bytes": st["payload_bytes"],
+        "ratio": round(st["finetuned_bf16_bytes"] / st["payload_bytes"], 3),
+        "ppl_domain": ppl_d,
+        "ppl_general": ppl_g,
+        "compress_seconds": round(seconds, 1),
+        "bits_per_matrix_weight": 8 * st["payload_bytes"] / matrix_params,
+        "distill": distill,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    import deltahub
+
+    return {
+        "deltahub": deltahub.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+    }
+
+
+def _f(x, spec: str = ".3f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def ordered_rows(result: dict) -> list[dict]:
+    """Rows by fine-tune, then in SETTINGS order (jobs finish in any order)."""
+    doms = [f["domain"] for f in result["finetunes"]]
+    labels = [s[0] for s in SETTINGS]
+
+    def key(r: dict) -> tuple:
+        return (
+            doms.index(r["finetune"]) if r["finetune"] in doms else len(doms),
+            labels.index(r["codec"]) if r["codec"] in labels else len(labels),
+        )
+
+    return sorted(result["rows"], key=key)
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "| fine-tune | codec | payload | ratio vs bf16 | ppl domain (fine-tune → reconstructed) | "
+        "rel. increase | ppl general |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in ordered_rows(result):
+        lines.append(
+            f"| {r['finetune']} | {r['codec']} | {r['payload_bytes'] / 1e6:.2f} MB | {r['ratio']:.2f}× | "
+            f"{r['ppl_domain_original']:.3f} → {r['ppl_domain']:.3f} | {100 * r['rel_increase']:+.2f} % | "
+            f"{r['ppl_general']:.3f} |"
+        )
+    lines += [
+        "",
+        "| fine-tune | steps × batch × seq | base ppl (domain) | fine-tune ppl (domain) | "
+        "base ppl (general) | fine-tune ppl (general) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for f in result["finetunes"]:
+        lines.append(
+            f"| {f['domain']} | {f['steps']} × {f['batch']} × {f['seq_len']} | "
+            f"{_f(f.get('ppl_domain_base'))} | {_f(f['ppl_domain'])} | {_f(f.get('ppl_general_base'))} | "
+            f"{_f(f['ppl_general'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = [f["domain"] for f in result["finetunes"]]
+    fig, axes = plt.subplots(1, max(1, len(domains)), figsize=(4.2 * max(1, len(domains)), 4), squeeze=False)
+    methods = sorted({r["codec"] for r in result["rows"]})
+    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    for ax, d in zip(axes[0], domains, strict=False):
+        for r in (r for r in result["rows"] if r["finetune"] == d):
+            ax.scatter(r["ratio"], 100 * r["rel_increase"], color=colors[r["codec"]], label=r["codec"], s=28)
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.axhline(1.0, color="grey", lw=0.6, ls="--")
+        ax.set_title(d)
+        ax.set_xlabel("compression ratio vs bf16 fine-tune")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out perplexity increase vs fine-tune (%)")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.collections}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.suptitle(f"deltahub codecs on SmolLM2-135M-Instruct fine-tunes ({result['device']})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "quality.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out / "quality.json")
+    (out / "quality_table.md").write_text(markdown(result))
+    try:
+        plot(result, out / "quality.png")
+    except Exception as e:  # the JSON is what matters
+        print("plot failed:", e, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def make_smoke_base(tokenizer_dir: Path, out: Path) -> str:
+    """A tiny randomly initialised Llama with SmolLM2's tokenizer and vocabulary (pipeline check)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return str(out)
+
+
+def prepare_base(a: argparse.Namespace, work: Path) -> tuple[str, dict]:
+    """(base folder, manifest): from --base-folder, a tiny model (--smoke), or the carried GGUF."""
+    manifest = json.loads((Path(a.carry1) / "manifest.json").read_text())
+    if a.smoke:
+        return make_smoke_base(Path(a.carry1) / "tokenizer", work / "smoke-base"), manifest
+    if a.base_folder:
+        return a.base_folder, manifest
+    import hashlib
+
+    import smollm2
+
+    parts = [Path(a.carry1) / "smollm2.gguf.part1", Path(a.carry2) / "smollm2.gguf.part2"]
+    for p in parts:
+        if not p.is_file():
+            raise SystemExit(
+                f"{p} missing: carry data/carry1 and data/carry2 in back-to-back calls (README.md)"
+            )
+    gdir = work / "gguf"
+    gdir.mkdir(parents=True, exist_ok=True)
+    gguf = gdir / smollm2.GGUF_NAME
+    raw = parts[0].read_bytes() + parts[1].read_bytes()
+    if hashlib.sha256(raw).hexdigest() != manifest["gguf"]["sha256"]:
+        raise SystemExit("reassembled GGUF does not match manifest.json (sha256)")
+    gguf.write_bytes(raw)
+    base = work / "base"
+    fp = smollm2.convert(gguf, base)
+    manifest["base_fingerprint_here"] = fp
+    if fp != manifest["base_fingerprint"]:
+        print(
+            f"WARNING: base weights fingerprint {fp} differs from prepare_data's "
+            f"{manifest['base_fingerprint']}",
+            flush=True,
+        )
+    return str(base), manifest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--work", default="/tmp/deltahub-quality")
+    ap.add_argument("--carry1", default=str(DATA / "carry1"))
+    ap.add_argument("--carry2", default=str(DATA / "carry2"))
+    ap.add_argument("--base-folder", default=None, help="use this bf16 base instead of the carried GGUF")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--domains", default=None, help="comma-separated subset of the manifest's domains")
+    ap.add_argument("--settings", default=None, help="comma-separated subset of setting labels")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=6e-5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=65536)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--distill-steps", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=6, help="processes sharing the GPU")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    ap.add_argument("--deadline", type=float, default=540, help="seconds; write what is done and stop")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="pipeline check: tiny random base, a few steps and tokens (needs data/carry1 only)",
+    )
+    ap.add_argument(
+        "--render",
+        metavar="QUALITY_JSON",
+        default=None,
+        help="only rewrite quality_table.md and quality.png from an existing results file",
+    )
+    a = ap.parse_args()
+    if a.render:
+        result = json.loads(Path(a.render).read_text())
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quality_table.md").write_text(markdown(result))
+        plot(result, out / "quality.png")
+        return
+    if a.smoke:
+        a.steps, a.batch, a.seq_len, a.eval_tokens, a.eval_seq_len = 4, 2, 64, 1024, 256
+        a.calib_samples, a.calib_seq_len, a.distill_steps = 4, 64, 2
+    t_start = time.time()
+    work = Path(a.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    base, manifest = prepare_base(a, work)
+    print(f"[{time.time() - t_start:5.0f}s] base ready: {base}", flush=True)
+    domains = a.domains.split(",") if a.domains else manifest["domains"]
+    settings = [s for s in SETTINGS if not a.settings or s[0] in a.settings.split(",")]
+    import torch
+
+    device_name = (
+        torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({platform.machine()})"
+    )
+    shared = {
+        "base": base,
+        "work": str(work),
+        "tokens": str(Path(a.carry1) / "tokens"),
+        "calib": str(Path(a.carry1) / "calib"),
+        "device": a.device,
+        "general": manifest["general"],
+        "steps": a.steps,
+        "lr": a.lr,
+        "batch": a.batch,
+        "seq_len": a.seq_len,
+        "eval_tokens": a.eval_tokens,
+        "eval_seq_len": a.eval_seq_len,
+        "calib_samples": a.calib_samples,
+        "calib_seq_len": a.calib_seq_len,
+        "distill_steps": a.distill_steps,
+        "threads": a.threads,
+        "seed": a.seed,
+    }
+    result = {
+        "device": device_name,
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": versions(),
+        "command": "python benchmarks/quality/run_quality.py " + " ".join(sys.argv[1:]),
+        "base": {
+            "id": manifest["base_id"],
+            "fingerprint": manifest["base_fingerprint"],
+            "fingerprint_here": manifest.get("base_fingerprint_here"),
+        },
+        "data": {
+            "packages": manifest["packages"],
+            "heldout_rule": manifest["heldout_rule"],
+            "general": manifest["general"],
+            "stats": manifest["stats"],
+        },
+        "settings": {
+            "train": {k: shared[k] for k in ("steps", "lr", "batch", "seq_len")},
+            "eval": {"tokens": a.eval_tokens, "seq_len": a.eval_seq_len},
+            "calibration": {
+                "samples": a.calib_samples,
+                "seq_len": a.calib_seq_len,
+                "data": "the fine-tune's domain (training split)",
+            },
+        },
+        "finetunes": [],
+        "rows": [],
+        "errors": [],
+        "complete": False,
+        "compress_speed": None,
+    }
+    out = Path(a.out)
+    deadline = t_start + a.deadline
+    pool = ProcessPoolExecutor(max_workers=a.workers, mp_context=get_context("spawn"))
+    base_f = pool.submit(eval_base_worker, shared, [*domains, manifest["general"]])
+    ft_f = {pool.submit(finetune_worker, d, shared): d for d in domains}
+    pending: dict[Future, tuple] = {}
+    fts: dict[str, dict] = {}
+    base_ppl = None
+    obs2: dict[str, dict] = {}
+    waiting_lowrank: list[tuple[str, tuple]] = []
+    queue: list[tuple[int, str, tuple, dict]] = []  # (priority, domain, setting, extra), not yet submitted
+    rows_by: dict[str, list] = {d: [] for d in domains}
+
+    def submit(d: str, s: tuple, extra: dict | None = None, priority: int = 100) -> None:
+        """Queue a job; at most --workers run at once, the most urgent first (FIFO among equals)."""
+        queue.append((priority, d, s, extra or {}))
+        queue.sort(key=lambda q: q[0])  # stable
+
+    def launch() -> None:
+        while queue and len(pending) + len(ft_f) + (base_f is not None) < a.workers:
+            _, d, s, extra = queue.pop(0)
+            pending[pool.submit(codec_worker, d, s, shared, extra)] = (d, s)
+
+    def flush() -> None:
+        result["finetunes"] = [fts[d] for d in domains if d in fts]
+        result["rows"] = ordered_rows(
+            {"finetunes": result["finetunes"], "rows": [r for d in domains for r in rows_by[d]]}
+        )
+        result["elapsed_seconds"] = round(time.time() - t_start, 1)
+        write(result, out)
+
+    while ft_f or pending or queue or base_f is not None:
+        launch()
+        futures = list(ft_f) + list(pending) + ([base_f] if base_f is not None else [])
+        done, _ = wait(futures, timeout=max(1.0, deadline - time.time()), return_when=FIRST_COMPLETED)
+        if not done:
+            break
+        for f in done:
+            try:
+                res = f.result()
+            except Exception as e:
+                what = ft_f.get(f) or pending.get(f) or "base"
+                result["errors"].append(
+                    {"job": str(what), "error": "".join(traceback.format_exception(e))[-2000:]}
+                )
+                print(f"[{time.time() - t_start:5.0f}s] FAILED {what}: {e}", flush=True)
+                ft_f.pop(f, None)
+                pending.pop(f, None)
+                if f is base_f:
+                    base_f = None
+                continue
+            if f is base_f:
+                base_ppl, base_f = res, None
+                print(f"[{time.time() - t_start:5.0f}s] base ppl {res}", flush=True)
+            elif f in ft_f:
+                d = ft_f.pop(f)
+                fts[d] = res
+                print(
+                    f"[{time.time() - t_start:5.0f}s] fine-tune {d}: loss {res['loss_first10']:.3f} -> "
+                    f"{res['loss_last10']:.3f}, ppl {res['ppl_domain']:.3f} general {res['ppl_general']:.3f}",
+                    flush=True,
+                )
+                for i, s in enumerate(settings):
+                    if s[1] == "lowrank":
+                        waiting_lowrank.append((d, s))
+                    else:
+                        submit(d, s, priority=10 * i)
+            else:
+                d, s = pending.pop(f)
+                row = {
+                    "finetune": d,
+                    **res,
+                    "ppl_domain_original": fts[d]["ppl_domain"],
+                    "rel_increase": res["ppl_domain"] / fts[d]["ppl_domain"] - 1,
+                    "ppl_general_original": fts[d]["ppl_general"],
+                }
+                rows_by[d].append(row)
+                if s[0] == "obs 2-bit 2:4":
+                    obs2[d] = res
+                print(
+                    f"[{time.time() - t_start:5.0f}s] {d:12s} {s[0]:32s} {row['ratio']:6.2f}x  ppl "
+                    f"{row['ppl_domain']:.3f} ({100 * row['rel_increase']:+.2f} %)  "
+                    f"general {row['ppl_general']:.3f}"
+                    f"  [{res['compress_seconds']} s]",
+                    flush=True,
+                )
+            for d, s in list(waiting_lowrank):
+                if d in obs2:
+                    waiting_lowrank.remove((d, s))
+                    submit(d, s, {"bits_per_weight": obs2[d]["bits_per_matrix_weight"]}, priority=0)
+            if base_ppl is not None:
+                for d in fts:
+                    fts[d]["ppl_domain_base"] = base_ppl[d]
+                    fts[d]["ppl_general_base"] = base_ppl[manifest["general"]]
+                result["base"]["ppl"] = base_ppl
+            flush()
+    result["complete"] = not (ft_f or pending or queue or waiting_lowrank) and base_ppl is not None
+    result["not_run"] = [
+        f"{d}: {s[0]}" for d, s in [*pending.values(), *waiting_lowrank, *[q[1:3] for q in queue]]
+    ] + [f"fine-tune {d}" for d in ft_f.values()]
+    flush()
+    print(markdown(result), flush=True)
+    print(f"done in {time.time() - t_start:.0f} s; complete={result['complete']}", flush=True)
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:  # jobs cut off by the deadline
+        proc.kill()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
