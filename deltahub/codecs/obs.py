@@ -39,31 +39,44 @@ from deltahub.codecs.rtn import RtnCodec
 from deltahub.errors import CodecError
 
 
+def _inverse_factor(h: torch.Tensor) -> torch.Tensor | None:
+    """Upper Cholesky factor of h⁻¹, consuming ``h``; None if h is not positive definite.
+    On the CPU, LAPACK works in place, so only one Kp x Kp buffer is used."""
+    if h.device.type == "cpu":
+        info = torch.empty((), dtype=torch.int32)
+        torch.linalg.cholesky_ex(h, out=(h, info))
+        if int(info):
+            return None
+        torch.cholesky_inverse(h, out=h)
+        torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+        return None if int(info) else h
+    chol, info = torch.linalg.cholesky_ex(h)
+    del h
+    if int(info):
+        return None
+    u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    return None if int(info) else u
+
+
 def inverse_cholesky(hessian: torch.Tensor, kp: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """H [K, K] -> (U [Kp, Kp] float32 upper Cholesky factor of (H' + λI)⁻¹, dead [Kp] bool),
-    H' = H padded with an identity block to Kp.
+    H' = H padded with an identity block to Kp and a unit diagonal on dead inputs (H_ii = 0).
 
-    λ = ``damp`` x mean(diag H'), multiplied by 10 until the factorisation succeeds. The peak is
-    about two Kp x Kp matrices besides ``hessian``.
+    λ = ``damp`` x mean(diag H'), multiplied by 10 until the factorisation succeeds.
     """
-    h = pad_hessian(hessian, kp)
-    diag = h.diagonal()
-    dead = diag == 0
-    diag[dead] = 1.0
-    plain = diag.clone()
-    lam = damp * float(plain.mean())
+    lam = None
     for _ in range(6):
-        diag.copy_(plain + lam)
-        chol, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            del h, diag
-            hinv = torch.cholesky_inverse(chol)
-            del chol
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
-            if int(info) == 0:
-                return u, dead
-            raise CodecError("calibration Hessian is numerically singular even after damping")
+        h = pad_hessian(hessian, kp)
+        diag = h.diagonal()
+        dead = diag == 0
+        diag[dead] = 1.0
+        if lam is None:
+            lam = damp * float(diag.mean())
+        diag.add_(lam)
+        del diag
+        u = _inverse_factor(h)
+        if u is not None:
+            return u, dead
         lam = max(lam * 10, 1e-8)
     raise CodecError("calibration Hessian is not positive definite even after damping; "
                      "check the calibration data (NaN/inf activations?)")

@@ -9,10 +9,11 @@ import sys
 import time
 
 import httpx
-from .conftest import free_port
 
 from deltahub import toy
 from deltahub.cli.main import build_parser
+
+from .conftest import free_port
 
 
 def test_serve_flags_parse():

@@ -9,9 +9,10 @@ import re
 
 import httpx
 import pytest
-from .conftest import serve
 
 from deltahub import toy
+
+from .conftest import serve
 
 RAW = toy.chat_text("quiet river")
 

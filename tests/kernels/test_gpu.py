@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 from deltahub.kernels import reference
-from .kernel_cases import make_slots, make_stack
 
 from deltahub.format import QuantLayout
+
+from .kernel_cases import make_slots, make_stack
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,9 +7,10 @@ import deltahub.kernels as K
 import pytest
 import torch
 from deltahub.kernels import reference
-from .kernel_cases import make_slots, make_stack
 
 from deltahub.format import PackedTensor, QuantLayout, dequantize
+
+from .kernel_cases import make_slots, make_stack
 
 
 def _delta(st, s, layout, n, k):

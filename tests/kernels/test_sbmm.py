@@ -7,10 +7,11 @@ import torch
 from deltahub.kernels import plan, reference
 from deltahub.kernels.embedding_triton import embedding_delta
 from deltahub.kernels.sbmm_triton import Config, sbmm
-from .kernel_cases import SPREADS, make_slots, make_stack
 
 from deltahub.errors import CodecError, ShapeMismatchError
 from deltahub.format import QuantLayout
+
+from .kernel_cases import SPREADS, make_slots, make_stack
 
 LAYOUTS = [
     (2, "2:4"),

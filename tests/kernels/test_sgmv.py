@@ -6,9 +6,10 @@ import pytest
 import torch
 from deltahub.kernels import reference
 from deltahub.kernels.sgmv_triton import sgmv
-from .kernel_cases import SPREADS, make_slots
 
 from deltahub.errors import ShapeMismatchError
+
+from .kernel_cases import SPREADS, make_slots
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-5}
 

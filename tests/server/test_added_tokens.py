@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 from deltahub.server import EngineConfig, SamplingParams
 from deltahub.server.engine import Engine
-from .engine_helpers import hf_greedy
 
 from deltahub import toy
+
+from .engine_helpers import hf_greedy
 
 
 def test_added_tokens_served_exactly(toy_models, toy_added_tokens, tmp_path):
@@ -52,5 +53,21 @@ def test_added_tokens_served_exactly(toy_models, toy_added_tokens, tmp_path):
         assert done[rid].token_ids == want, rid
         if v is None:  # the base never emits the added tokens (their logits are -inf for it)
             assert all(t < 320 for t in done[rid].token_ids)
-    assert any(320 in done[r].token_ids for r in ("v0", "v1", "v2"))  # the variant emits <|shout|>
-    assert "<|shout|>" not in done["v0"].text  # special tokens are skipped in text
+    # Both added rows in one prompt: <|hush|> (321) read through the embedding's extra rows and
+    # <|shout|> (320) scored through the lm_head's; the engine's prompt log-probs must equal the
+    # reconstructed model's (whether greedy decoding happens to emit 320 depends on training).
+    text = toy.chat_text("red green blue <|hush|>", "RED GREEN BLUE<|shout|>")
+    ids = tok(text, add_special_tokens=False)["input_ids"][:-1]  # drop the final <|end|>: ends with 320
+    assert ids[-1] == 320 and 321 in ids
+    engine.add_request("forced", None, SamplingParams(max_new_tokens=1, prompt_logprobs=True), "shout",
+                       prompt_token_ids=ids)
+    out = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            out = o if o.finished else out
+    with torch.no_grad():
+        want_lp = torch.log_softmax(ref(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    got = torch.tensor(out.prompt_logprobs[1:], dtype=torch.float32)
+    ref_lp = want_lp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref_lp, atol=2e-3, rtol=0)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 from deltahub.server import EngineConfig, SamplingParams
 from deltahub.server.engine import Engine
-from .engine_helpers import hf_greedy, reference_model
 
 from deltahub import toy
+
+from .engine_helpers import hf_greedy, reference_model
 
 PROMPTS = [
     "alpha beta",

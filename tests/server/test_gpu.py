@@ -17,9 +17,10 @@ import pytest
 import torch
 from deltahub.server import EngineConfig, SamplingParams
 from deltahub.server.engine import Engine
-from .engine_helpers import hf_greedy, reference_model
 
 from deltahub import toy
+
+from .engine_helpers import hf_greedy, reference_model
 
 pytestmark = pytest.mark.gpu
 LOGIT_TOL = 0.15
