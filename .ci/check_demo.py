@@ -38,11 +38,14 @@ def main() -> int:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     ready = threading.Event()
+    demo_start: list[float] = []
 
     def pump() -> None:
         for line in proc.stdout:  # type: ignore[union-attr]
             lines.append(line.rstrip("\n"))
-            print("demo| " + lines[-1], flush=True)
+            print(f"demo {time.time() - t0:5.0f}s| {lines[-1]}", flush=True)
+            if line.startswith("[1]") and not demo_start:
+                demo_start.append(time.time())
             if line.startswith("ready in"):
                 ready.set()
 
@@ -53,6 +56,7 @@ def main() -> int:
                 print(f"FAIL: demo not serving after {time.time() - t0:.0f} s (exit {proc.poll()})")
                 return 1
         serving_s = time.time() - t0
+        demo_s = time.time() - (demo_start[0] if demo_start else t0)
         text = "\n".join(lines)
         server = re.search(r"deltahub serve: (http://\S+)", text).group(1)
         ui = re.search(r"playground: (http://\S+)", text).group(1)
@@ -70,7 +74,8 @@ def main() -> int:
         with urllib.request.urlopen(req, timeout=120) as r:
             reply = json.load(r)["choices"][0]["message"]["content"]
         assert reply.strip(), "empty chat reply"
-        print(f"demo check passed: serving after {serving_s:.0f} s; /v1/models {sorted(ids)}; "
+        print(f"demo check passed: serving {serving_s:.0f} s after the command started (install included), "
+              f"{demo_s:.0f} s after `deltahub demo` started; /v1/models {sorted(ids)}; "
               f"{name!r} replied {reply!r}")
         return 0
     finally:

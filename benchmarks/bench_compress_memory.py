@@ -68,7 +68,8 @@ def write_model(folder: Path, shapes: dict[str, tuple[int, ...]], delta_std: flo
         save_file(tensors, str(folder / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in part})
         del tensors
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     cfg = LlamaConfig(**CONFIG)
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.dtype = "bfloat16"

@@ -157,11 +157,9 @@ class _Compressor:
                   else [slice(0, n_base)])
         packs = []
         for rows in chunks:
-            base = self._base(name, rows)
-            packed = codec.compress(self._ft(name, rows).sub_(base), hessian)
-            if out is not None:
-                out[rows].copy_(base.add_(codec.decompress(packed)))
-            del base
+            packed = codec.compress(self._ft(name, rows).sub_(self._base(name, rows)), hessian)
+            if out is not None:  # base re-read (memory-mapped) rather than kept during compress
+                out[rows].copy_(self._base(name, rows).add_(codec.decompress(packed)))
             packs.append(_to_cpu(packed))
         packed = concat_packed(packs, (n_base, k)) if len(packs) > 1 else packs[0]
         n_ft = self.cf.shape(name)[0]

@@ -235,11 +235,9 @@ class LayerwiseModel:
             seen.clear()
             for hk in hooks:
                 hk.remove()
-        out = {}
-        for name in list(sums) + list(alias):
-            owner = alias.get(name, name) if name not in sums else name
-            out[name] = sums[owner] * (2.0 / max(counts[owner], 1))
-        return out
+        for name, total in sums.items():
+            total.mul_(2.0 / max(counts[name], 1))
+        return {**sums, **{name: sums[owner] for name, owner in alias.items()}}
 
     @torch.no_grad()
     def lm_head_hessian(self, hidden: list[torch.Tensor]) -> torch.Tensor | None:

@@ -201,10 +201,10 @@ def pack_dense_codes(codes: torch.Tensor, keep: torch.Tensor | None, scales: tor
 def row_chunks(n: int, kp: int, device: torch.device | str = "cpu", budget_bytes: int | None = None
                ) -> list[slice]:
     """Row slices for processing an [n, kp] float32 matrix in bounded pieces (rows are
-    independent for row-separable codecs) of ``budget_bytes`` (default ~8 MB on the CPU,
+    independent for row-separable codecs) of ``budget_bytes`` (default ~4 MB on the CPU,
     ~512 MB on a GPU)."""
     if budget_bytes is None:
-        budget_bytes = (512 << 20) if torch.device(device).type == "cuda" else (8 << 20)
+        budget_bytes = (512 << 20) if torch.device(device).type == "cuda" else (4 << 20)
     step = max(1, min(n, budget_bytes // (4 * kp)))
     return [slice(r, min(r + step, n)) for r in range(0, n, step)]
 

@@ -100,11 +100,15 @@ class ObsCodec(QuantCodec):
         kp = self.layout.padded_k(k)
         u, dead = inverse_cholesky(hessian.to(delta.device), kp, float(self.options["damp"]))
         chunks = []
+        results = []
         for rows in row_chunks(n, kp, delta.device):
             w = pad_columns(delta[rows], kp)
             w[:, dead] = 0
-            codes, keep, scales = self._quantize_rows(w, u, k)
-            chunks.append(pack_dense_codes(codes, keep, scales, self.layout, (w.shape[0], k), self.name))
+            results.append(self._quantize_rows(w, u, k))
+            del w
+        del u  # free the Kp x Kp factor before packing
+        for codes, keep, scales in results:
+            chunks.append(pack_dense_codes(codes, keep, scales, self.layout, (codes.shape[0], k), self.name))
         return concat_packed(chunks, (n, k))
 
     def _quantize_rows(self, w: torch.Tensor, u: torch.Tensor, k: int):
