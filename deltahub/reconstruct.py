@@ -1,7 +1,8 @@
 """Delta + base -> an ordinary transformers model folder (safetensors, config, tokenizer).
 
 ``reconstruct(delta, output)`` streams the base tensor by tensor, applies each delta
-(``format.apply_delta``: base + Δ̂, with added vocabulary rows appended) and writes safetensors
+(``format.apply_delta``: base + Δ̂, with added vocabulary rows appended; base tensors the delta
+does not mention are copied, except an lm_head the fine-tune ties) and writes safetensors
 shards in the fine-tune's dtype, plus the fine-tune's config, generation config and tokenizer
 files stored in the delta. The base defaults to the one recorded in ``delta_config.json`` and
 its weights fingerprint must match the recorded one (BaseMismatchError otherwise).
@@ -123,6 +124,11 @@ def reconstruct(delta: str | os.PathLike, output: str | os.PathLike, *, base: st
             except ShapeMismatchError as e:
                 raise ShapeMismatchError(f"{name}: {e} (base {base_ref})") from None
             yield name, t.to(dtype or base_t.dtype).contiguous()
+        for name in cb.names():  # absent from the delta: the fine-tune has the base's value
+            if name in cfg.tensors or (cfg.tie_word_embeddings and name.endswith("lm_head.weight")):
+                continue
+            t = cb.get(name)
+            yield name, (t.to(dtype) if dtype and t.is_floating_point() else t).contiguous()
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
