@@ -4,7 +4,6 @@ PEFT LoRA adapter) behind ``create_app``, served by uvicorn in a thread on a fre
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import threading
 import time
@@ -14,21 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..conftest import cached
+
 DELTAS = ("upper", "reverse", "double")
 MAX_MODEL_LEN = 512  # the toy model's max_position_embeddings
-
-
-def _cached(root: Path, name: str, make) -> Path:
-    target = root / name
-    if not target.exists():
-        tmp = root / f"{name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        make(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another run got there first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 @pytest.fixture(scope="session")
@@ -53,20 +41,10 @@ def _make_lora(base: Path, out: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def api_variants(toy_models, api_artifacts) -> dict[str, Path]:
+def api_variants(toy_models, toy_deltas, api_artifacts) -> dict[str, Path]:
     """{"upper", "reverse", "double": delta folders (RTN 4-bit 2:4), "lora": a PEFT LoRA adapter}."""
-    from deltahub.compress import CompressConfig, compress
-
-    cfg = CompressConfig(method="rtn", bits=4, sparsity="2:4")
-    out = {
-        t: _cached(
-            api_artifacts,
-            f"delta-{t}",
-            lambda p, t=t: compress(toy_models["base"], toy_models[t], p, cfg, progress=False),
-        )
-        for t in DELTAS
-    }
-    out["lora"] = _cached(api_artifacts, "lora-random", lambda p: _make_lora(toy_models["base"], p))
+    out = {t: toy_deltas[t] for t in DELTAS}
+    out["lora"] = cached(api_artifacts, "lora-random", lambda p: _make_lora(toy_models["base"], p))
     return out
 
 

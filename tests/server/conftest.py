@@ -3,14 +3,12 @@ LoRA adapter of the toy base (helpers computing the reference models are in engi
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-DELTA_TASKS = ("upper", "reverse", "double", "pirate")
+from ..conftest import cached
 
 
 @pytest.fixture(autouse=True)
@@ -23,50 +21,13 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _cached(root: Path, name: str, make) -> Path:
-    target = root / name
-    if not target.exists():
-        tmp = root / f"{name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        make(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-@pytest.fixture(scope="session")
-def artifacts_root(tmp_path_factory) -> Path:
-    cache = os.environ.get("DELTAHUB_TOY_CACHE")
-    root = Path(cache) / "engine-tests" if cache else tmp_path_factory.mktemp("engine")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-@pytest.fixture(scope="session")
-def toy_deltas(toy_models, artifacts_root) -> dict[str, Path]:
-    """{task: delta folder}: each toy fine-tune compressed (RTN, 4-bit, 2:4) against the base."""
-    from deltahub.compress import CompressConfig, compress
-
-    cfg = CompressConfig(method="rtn", bits=4, sparsity="2:4")
-    return {
-        t: _cached(
-            artifacts_root,
-            f"delta-{t}",
-            lambda p, t=t: compress(toy_models["base"], toy_models[t], p, cfg, progress=False),
-        )
-        for t in DELTA_TASKS
-    }
-
-
 @pytest.fixture(scope="session")
 def toy_delta_8bit(toy_models, artifacts_root) -> Path:
     """The 'upper' fine-tune as an 8-bit dense delta with groups of 64 (a second layout)."""
     from deltahub.compress import CompressConfig, compress
 
     cfg = CompressConfig(method="rtn", bits=8, sparsity="none", group_size=64)
-    return _cached(
+    return cached(
         artifacts_root,
         "delta-upper-8bit",
         lambda p: compress(toy_models["base"], toy_models["upper"], p, cfg, progress=False),
@@ -98,7 +59,7 @@ def _make_lora(base: Path, out: Path) -> None:
 @pytest.fixture(scope="session")
 def toy_lora(toy_models, artifacts_root) -> Path:
     """A PEFT LoRA adapter (r 8, down_proj r 4) of the toy base, trained briefly on 'reverse'."""
-    return _cached(artifacts_root, "lora-reverse", lambda p: _make_lora(toy_models["base"], p))
+    return cached(artifacts_root, "lora-reverse", lambda p: _make_lora(toy_models["base"], p))
 
 
 def _make_added_tokens_finetune(base: Path, out: Path) -> None:
@@ -124,11 +85,11 @@ def toy_added_tokens(toy_models, artifacts_root) -> tuple[Path, Path]:
     """(fine-tune folder, its delta folder) of a fine-tune that adds two tokens."""
     from deltahub.compress import CompressConfig, compress
 
-    ft = _cached(
+    ft = cached(
         artifacts_root, "ft-added-tokens", lambda p: _make_added_tokens_finetune(toy_models["base"], p)
     )
     cfg = CompressConfig(method="rtn", bits=4, sparsity="2:4")
-    delta = _cached(
+    delta = cached(
         artifacts_root,
         "delta-added-tokens",
         lambda p: compress(toy_models["base"], ft, p, cfg, progress=False),

@@ -4,8 +4,6 @@ toy base with three compressed toy fine-tunes, served by uvicorn in a thread on 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import socket
 import threading
 import time
@@ -91,31 +89,10 @@ class LiveServer:
         return self.serve(lambda _url: create_app(self.engine, model_id=self.base, **create_app_kwargs))
 
 
-def _cached(root: Path, name: str, make) -> Path:
-    target = root / name
-    if not target.exists():
-        tmp = root / f"{name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        make(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another run got there first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 @pytest.fixture(scope="session")
-def ui_deltas(toy_models, tmp_path_factory) -> dict[str, Path]:
-    """{task: delta folder} of the toy fine-tunes (RTN 4-bit 2:4), cached like the engine tests'."""
-    from deltahub.compress import CompressConfig, compress
-
-    cache = os.environ.get("DELTAHUB_TOY_CACHE")
-    root = Path(cache) / "engine-tests" if cache else tmp_path_factory.mktemp("ui-deltas")
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = CompressConfig(method="rtn", bits=4, sparsity="2:4")
-    return {t: _cached(root, f"delta-{t}",
-                       lambda p, t=t: compress(toy_models["base"], toy_models[t], p, cfg, progress=False))
-            for t in VARIANTS}
+def ui_deltas(toy_deltas) -> dict[str, Path]:
+    """{task: delta folder} of the toy fine-tunes the playground tests serve."""
+    return {t: toy_deltas[t] for t in VARIANTS}
 
 
 @pytest.fixture(scope="session")
