@@ -10,6 +10,13 @@ N(0, delta_std²), written as sharded safetensors with a byte-level tokenizer), 
 this process, so the peak host memory reported (ru_maxrss) is the compressor's alone.
 ``--layers N`` builds the shape with N decoder layers only; the JSON then also gives the
 projection to the full depth (measured time + missing layers x mean time per layer).
+``phases_seconds`` says where the time goes (exclusive times; the device is synchronised around
+each timed call): ``embed`` (layer-0 inputs), ``load_layer``, ``hessian_pass`` (a layer forward
+with the Hessian accumulation hooks), ``forward`` (the layer forward on the compressed weights:
+``hessian_pass - forward`` estimates the accumulation), ``lm_head_hessian``, ``codec`` (compress
+calls), ``dequant_out`` (Δ̂ for the next layers' weights), ``io_read`` (tensors from the
+checkpoints to the device), ``lossless`` (zstd), ``write`` (the rest of the delta writer) and
+``other`` (the remainder of the run).
 Writes ``compress_speed_<shape>_<device>.json`` into --out and prints a summary. ``--merge-into
 docs/benchmarks/quality.json`` (with the result JSON given by ``--result``, or this run's) fills
 that file's ``compress_speed`` entry.
@@ -133,6 +140,68 @@ def make_pair(shape: str, layers: int | None, root: Path, delta_std: float, seed
     }
 
 
+class _OutOfTime(Exception):
+    """--budget-s passed: the run stops after the current layer."""
+
+
+class PhaseTimer:
+    """Exclusive wall time per phase of wrapped functions (nested calls count for the innermost)."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.seconds: dict[str, float] = {}
+        self.stack: list[list[float]] = []  # [start, time spent in nested timed calls]
+        self.undo: list[tuple[object, str, object]] = []
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def wrap(self, owner: object, attr: str, phase: str) -> None:
+        fn = getattr(owner, attr)
+        timer = self
+
+        def timed(*a, **kw):
+            timer.stack.append([timer._now(), 0.0])
+            try:
+                return fn(*a, **kw)
+            finally:
+                start, nested = timer.stack.pop()
+                took = timer._now() - start
+                timer.seconds[phase] = timer.seconds.get(phase, 0.0) + took - nested
+                if timer.stack:
+                    timer.stack[-1][1] += took
+
+        self.undo.append((owner, attr, fn))
+        setattr(owner, attr, timed)
+
+    def restore(self) -> None:
+        for owner, attr, fn in reversed(self.undo):
+            setattr(owner, attr, fn)
+        self.undo.clear()
+
+
+def _timed_phases(timer: PhaseTimer) -> None:
+    import deltahub.compress as dc
+    from deltahub import lossless, store
+    from deltahub.codecs import get_codec
+    from deltahub.codecs.base import Codec
+    from deltahub.layerwise import LayerwiseModel
+
+    for attr, phase in (("embed", "embed"), ("load_layer", "load_layer"), ("layer_hessians", "hessian_pass"),
+                        ("run_layer", "forward"), ("lm_head_hessian", "lm_head_hessian")):
+        timer.wrap(LayerwiseModel, attr, phase)
+    for name in ("obs", "rtn"):
+        timer.wrap(get_codec(name), "compress", "codec")
+    timer.wrap(Codec, "decompress", "dequant_out")
+    timer.wrap(dc._Compressor, "_ft", "io_read")
+    timer.wrap(dc._Compressor, "_base", "io_read")
+    timer.wrap(lossless, "encode", "lossless")
+    timer.wrap(store.DeltaWriter, "add", "write")
+    timer.wrap(store.DeltaWriter, "finish", "write")
+
+
 def run_compress(root: Path, args) -> dict:
     from deltahub.compress import CompressConfig, compress
     from deltahub.layerwise import LayerwiseModel
@@ -144,6 +213,9 @@ def run_compress(root: Path, args) -> dict:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
+        print(f"layer {i} done at {stamps[-1] - t0:.1f} s", flush=True)
+        if args.budget_s and stamps[-1] - t0 > args.budget_s and i + 1 < self.n_layers:
+            raise _OutOfTime
         return original(self, i)
 
     LayerwiseModel.release_layer = release_layer
@@ -158,21 +230,38 @@ def run_compress(root: Path, args) -> dict:
         device=args.device,
         lossless="zstd",
     )
+    timer = PhaseTimer(args.device.startswith("cuda"))
+    _timed_phases(timer)
     t0 = time.perf_counter()
-    dcfg = compress(root / "base", root / "finetuned", root / "delta", cfg, progress=False)
-    total = time.perf_counter() - t0
-    LayerwiseModel.release_layer = original
+    dcfg = None
+    try:
+        dcfg = compress(root / "base", root / "finetuned", root / "delta", cfg, progress=False)
+    except _OutOfTime:
+        print(f"--budget-s {args.budget_s} reached after {len(stamps)} layers: stopped", flush=True)
+    finally:
+        total = time.perf_counter() - t0
+        timer.restore()
+        LayerwiseModel.release_layer = original
     per_layer = [b - a for a, b in itertools.pairwise(stamps)]
+    phases = {k: round(v, 2) for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])}
+    phases["other"] = round(total - sum(timer.seconds.values()), 2)
     return {
         "seconds": round(total, 2),
+        "layers_done": len(stamps),
+        "stopped_early": dcfg is None,
+        "calibration_precision": "tf32 matmuls (forward, Hessian) on cuda; codec float32"
+        if args.device.startswith("cuda") else "float32",
         "layer_seconds": [round(x, 3) for x in per_layer],
-        "mean_layer_seconds": round(sum(per_layer) / max(len(per_layer), 1), 3),
+        "mean_layer_seconds": round(sum(per_layer) / len(per_layer) if per_layer
+                                    else (stamps[0] - t0 if stamps else 0.0), 3),
+        "phases_seconds": phases,
+        "hessian_accumulate_est_s": round(phases.get("hessian_pass", 0) - phases.get("forward", 0), 2),
         "first_layer_end_s": round(stamps[0] - t0, 2) if stamps else None,
         "after_last_layer_s": round(t0 + total - stamps[-1], 2) if stamps else None,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
         "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "payload_bytes": dcfg.stats["payload_bytes"],
-        "ratio_vs_bf16": dcfg.stats["ratio_vs_bf16"],
+        "payload_bytes": dcfg.stats["payload_bytes"] if dcfg else None,
+        "ratio_vs_bf16": dcfg.stats["ratio_vs_bf16"] if dcfg else None,
     }
 
 
@@ -219,6 +308,9 @@ def main() -> None:
     ap.add_argument(
         "--result", default=None, metavar="JSON", help="with --merge-into: an earlier result, no run"
     )
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop after the layer that passes this many seconds of compression (the JSON "
+                         "then projects the rest from the mean time per layer, lm_head/finish excluded)")
     ap.add_argument("--make-pair-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.merge_into and args.result:
@@ -252,7 +344,7 @@ def main() -> None:
     pair = json.loads((root / "pair.json").read_text())
     res = run_compress(root, args)
     full_layers = SHAPES[args.shape]["num_hidden_layers"]
-    missing = full_layers - pair["layers"]
+    missing = full_layers - res["layers_done"]
     import transformers
 
     import deltahub
@@ -295,6 +387,7 @@ def main() -> None:
         f"peak host {res['peak_host_rss_bytes'] / gib:.1f} GiB; "
         f"ratio {res['ratio_vs_bf16']}x"
     )
+    print("phases (s): " + ", ".join(f"{k} {v}" for k, v in res["phases_seconds"].items()))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
 Usage: python benchmarks/bench_sbmm.py [--out DIR] [--quick] [--layouts 4:2:4,2:2:4] [--plot-from JSON]
 
 Builds random packed deltas of Llama-2-7B projection shapes on the device (valid 2:4 positions, random
-codes, per-row scales), measures the ceilings (device copy bandwidth counting read + write bytes,
-bf16 GEMM 8192^3), then times every case: tokens B over N distinct deltas (zipf-spread, each touched
+codes, per-row scales; 2:4 2/4-bit ones repacked into the GPU slot layout, kernels/layout.py, and run
+by kernels/sbmm24.py as the engine does; other layouts by kernels/sbmm.py), measures the ceilings
+(device copy bandwidth counting read + write bytes, bf16 GEMM 8192^3), then times every case:
+tokens B over N distinct deltas (zipf-spread, each touched
 delta gets >= 1 token) out of S = 64 resident slots. Each timing replays a CUDA graph of 8 calls
 that rotate over the 64 slots (so consecutive calls read different deltas and the 60 MB L2 does not
 serve them) and takes the median of 7 replays. The slot grouping (``plan``) is made once per batch,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -28,11 +31,14 @@ import traceback
 from pathlib import Path
 
 import torch
-from deltahub.kernels import plan, reference
-from deltahub.kernels.sbmm_triton import TUNER, sbmm, tune_key
-from deltahub.kernels.sgmv_triton import sgmv
+from deltahub.kernels import layout as L
+from deltahub.kernels import plan, reference, sbmm24
+from deltahub.kernels.sgmv import sgmv
 
 from deltahub.format import QuantLayout, _to_int32
+
+# the module, not the op of the same name on the package (see kernels/__init__.py)
+generic = importlib.import_module("deltahub.kernels.sbmm")
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # [K, N_out]
 BATCHES = [1, 8, 32, 64, 128, 256]
@@ -127,11 +133,10 @@ def ceilings():
     return copy_gbps, 2 * 8192**3 / us / 1e6
 
 
-def check_configs(st, layout, k, n):
+def check_configs(st, layout, k, n, run):
     """Every launch config vs the reference at B = N = 32 on this shape -> {config: max rel err}.
     Configs that fail (error or wrong result) are dropped from the autotuner's candidates."""
-    from deltahub.kernels import sbmm_triton
-
+    mod = sbmm24 if L.supported(layout) else generic
     slot = zipf_slots(32, min(32, POOL)).to(DEV)
     x = torch.randn(32, k, device=DEV, dtype=torch.bfloat16)
     kw = dict(
@@ -144,11 +149,11 @@ def check_configs(st, layout, k, n):
     )
     want = reference.sbmm(x.float(), st["qweight"], st["scales"], slot, **kw)
     errs = {}
-    for cands in (sbmm_triton.DECODE_CONFIGS, sbmm_triton.PREFILL_CONFIGS):
+    for cands in (mod.DECODE_CONFIGS, mod.PREFILL_CONFIGS, getattr(mod, "SPLIT_CONFIGS", [])):
         for c in list(cands):
             out = torch.zeros(32, n, device=DEV, dtype=torch.bfloat16)
             try:
-                sbmm(x, st["qweight"], st["scales"], slot, **kw, out=out, config=c)
+                run(x, slot, out, config=c)
                 err = ((out.float() - want).abs().max() / want.abs().max()).item()
             except Exception as exc:  # compile failure on this triton: drop the config
                 traceback.print_exc()
@@ -160,27 +165,67 @@ def check_configs(st, layout, k, n):
     return errs
 
 
+def kernel_for(st, layout, k, n):
+    """(run(x, slot, out, plan_=None, config=None, active=None), run_one(d) -> the same on slot d
+    alone, bytes of one delta as the kernel reads it, the tuner, its key function)."""
+    kw = dict(bits=layout.bits, group_size=None, k=k)
+    if L.supported(layout):  # the engine's path: repacked once into the slot layout
+        dev = {"dw": [], "scales": st["scales"]}
+        for i in range(POOL):
+            dev["dw"].append(L.to_device_layout({nm: v[i] for nm, v in st.items()}, layout, n, k)["dw"])
+        dev["dw"] = torch.stack(dev["dw"])
+
+        def run(x, slot, out, dw=dev["dw"], sc=dev["scales"], **o):
+            return sbmm24.sbmm_device(x, dw, sc, slot, **kw, out=out, **o)
+
+        def run_one(d):
+            return lambda x, slot, out, **o: run(
+                x, slot, out, dev["dw"][d : d + 1], dev["scales"][d : d + 1], **o
+            )
+
+        nbytes = dev["dw"][0].numel() * 2 + dev["scales"][0].numel() * 4
+
+        def key(x, b, nd):
+            return sbmm24.tune_key(x.dtype, k, n, layout.bits, None, POOL, b, nd)
+
+        return run, run_one, nbytes, sbmm24.TUNER, key
+    kw.update(sparse=layout.sparse, meta=st.get("meta"), qweight_hi=st.get("qweight_hi"))
+
+    def run(x, slot, out, parts=st, active=None, **o):
+        return generic.sbmm(
+            x,
+            parts["qweight"],
+            parts["scales"],
+            slot,
+            **{**kw, "meta": parts.get("meta"), "qweight_hi": parts.get("qweight_hi")},
+            out=out,
+            **o,
+        )
+
+    def run_one(d):
+        one = {nm: v[d : d + 1] for nm, v in st.items()}
+        return lambda x, slot, out, **o: run(x, slot, out, one, **o)
+
+    def key(x, b, nd):
+        return generic.tune_key(x.dtype, k, n, layout.bits, layout.sparse, None, POOL, b)
+
+    return run, run_one, sum(v[0].numel() * 4 for v in st.values()), generic.TUNER, key
+
+
 def bench_layout(layout, k, n, rows, args, gen, dense_pool):
     st = random_stack(POOL, n, k, layout, gen)
-    delta_bytes = sum(v[0].numel() * 4 for v in st.values())
-    errs = check_configs(st, layout, k, n)
+    kern = kernel_for(st, layout, k, n)
+    delta_bytes = kern[2]
+    errs = check_configs(st, layout, k, n, kern[0])
     args.checks[f"{layout.bits}:{layout.sparsity}:{k}x{n}"] = errs
     print(f"check bits={layout.bits} {layout.sparsity} [{k},{n}]: max rel err per config {errs}", flush=True)
-    kw = dict(
-        bits=layout.bits,
-        sparse=layout.sparse,
-        group_size=None,
-        k=k,
-        meta=st.get("meta"),
-        qweight_hi=st.get("qweight_hi"),
-    )
     cases = [(b, nd) for b in BATCHES for nd in NDELTAS if nd <= b]
     if args.quick:
         cases = [(1, 1), (32, 32), (64, 16), (256, 4)]
     cases += [] if args.quick else PREFILL
     for b, nd in cases:
         try:
-            rows.append(_sbmm_case(st, kw, layout, k, n, b, nd, args, dense_pool, delta_bytes))
+            rows.append(_sbmm_case(kern, layout, k, n, b, nd, args, dense_pool, delta_bytes))
         except Exception as exc:  # keep the other cases; the JSON says what failed
             traceback.print_exc()
             rows.append(
@@ -196,19 +241,17 @@ def bench_layout(layout, k, n, rows, args, gen, dense_pool):
             )
 
 
-def _sbmm_case(st, kw, layout, k, n, b, nd, args, dense_pool, delta_bytes):
+def _sbmm_case(kern, layout, k, n, b, nd, args, dense_pool, delta_bytes):
+    run, run_one, _, tuner, key = kern
     base = zipf_slots(b, nd).to(DEV)
     x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
     out = torch.zeros(b, n, device=DEV, dtype=torch.bfloat16)
     rots = [(base + r * nd) % POOL for r in range(max(ROT, POOL // nd))]
     plans = [plan(s, POOL) for s in rots]
-    sbmm(x, st["qweight"], st["scales"], rots[0], **kw, out=out, plan_=plans[0])  # tunes this key
-    cfg = TUNER.best[tune_key(x.dtype, k, n, layout.bits, layout.sparse, None, POOL, b)]
+    run(x, rots[0], out, plan_=plans[0], active=nd)  # tunes this key
+    cfg = tuner.best[key(x, b, nd)]
     t_ours = graph_time_us(
-        [
-            lambda s=s, p=p: sbmm(x, st["qweight"], st["scales"], s, **kw, out=out, plan_=p)
-            for s, p in zip(rots, plans, strict=True)
-        ]
+        [lambda s=s, p=p: run(x, s, out, plan_=p, active=nd) for s, p in zip(rots, plans, strict=True)]
     )
     try:
         t_plan = graph_time_us([lambda s=s: plan(s, POOL) for s in rots])
@@ -226,23 +269,9 @@ def _sbmm_case(st, kw, layout, k, n, b, nd, args, dense_pool, delta_bytes):
     for s in rots:
         for d in torch.unique(s).tolist():
             sl = torch.where(s == d, 0, -1).to(torch.int32)
-            per.append((sl, plan(sl, 1), {name: v[d : d + 1] for name, v in st.items()}))
+            per.append((sl, plan(sl, 1), run_one(d)))
     t_per = (
-        graph_time_us(
-            [
-                lambda sl=sl, p=p, v=v: sbmm(
-                    x,
-                    v["qweight"],
-                    v["scales"],
-                    sl,
-                    **{**kw, "meta": v.get("meta"), "qweight_hi": v.get("qweight_hi")},
-                    out=out,
-                    plan_=p,
-                    config=cfg,
-                )
-                for sl, p, v in per
-            ]
-        )
+        graph_time_us([lambda sl=sl, p=p, r=r: r(x, sl, out, plan_=p, config=cfg) for sl, p, r in per])
         * len(per)
         / len(rots)
     )
@@ -358,7 +387,9 @@ def targets(rows):
     """The issue's targets, and by how much each case in their domain misses them."""
     misses = []
     for r in rows:
-        if (
+        if "error" in r:
+            misses.append({"case": [r["bits"], r["shape"], r["B"], r["N"]], "error": r["error"]})
+        elif (
             r["op"] == "sbmm"
             and r["sparsity"] == "2:4"
             and r["bits"] in (2, 4)
@@ -440,6 +471,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few cases per shape (smoke run)")
     ap.add_argument("--layouts", default="4:2:4,2:2:4", help="bits:sparsity list, e.g. 4:2:4,3:2:4,4:none")
     ap.add_argument("--no-sgmv", action="store_true")
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN list")
+    ap.add_argument("--merge", metavar="JSON", help="keep this file's rows for shapes not run now")
     ap.add_argument("--plot-from", metavar="JSON", help="only redraw sbmm.png from a results file (no GPU)")
     args = ap.parse_args(argv)
     if args.plot_from:
@@ -475,7 +508,17 @@ def main(argv=None) -> int:
         bits, sparsity = spec.split(":", 1)
         layouts.append(QuantLayout(int(bits), sparsity))
     t0 = time.time()
-    for k, n in SHAPES:
+    shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
+    if args.merge:  # an earlier run's rows for the cases not measured now (each row names its run)
+        old = json.loads(Path(args.merge).read_text())
+        result["rows"] = [r | {"run": r.get("run", old["date"])} for r in old["rows"]]
+        result["merged_from"] = [
+            *old.get("merged_from", []),
+            {f: old.get(f) for f in ("command", "date", "copy_gbps", "bf16_tflops", "versions")},
+        ]
+        result["correctness_max_rel_err"] = old.get("correctness_max_rel_err", {}) | args.checks
+        args.checks = result["correctness_max_rel_err"]
+    for k, n in shapes:
         dense_pool = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 1e-3 for _ in range(POOL)]
         for layout in layouts:
             bench_layout(layout, k, n, result["rows"], args, gen, dense_pool)
@@ -487,7 +530,7 @@ def main(argv=None) -> int:
     result["targets"] = targets(result["rows"])
     result["tuning"] = {
         str(key): {str(list(c)): round(v * 1000, 1) for c, v in tim.items()}
-        for key, tim in TUNER.timings.items()
+        for key, tim in [*generic.TUNER.timings.items(), *sbmm24.TUNER.timings.items()]
     }
     result["wall_s"] = round(time.time() - t0, 1)
     _write(result, out_dir)
@@ -495,11 +538,19 @@ def main(argv=None) -> int:
         plot(result["rows"], out_dir / "sbmm.png")
     except ImportError as exc:
         print(f"no plot: {exc}")
+    if args.quick:
+        print(json.dumps(result["tuning"], indent=0)[:6000])
     print(json.dumps(result["targets"], indent=1)[:3000])
     return 0
 
 
 def _write(result, out_dir):
+    """Rows get their run's date; a case measured again replaces the merged row."""
+    latest = {}
+    for r in result["rows"]:
+        r.setdefault("run", result["date"])
+        latest[(r["op"], r["bits"], r["sparsity"], tuple(r["shape"]), r["B"], r["N"], r.get("rank"))] = r
+    result["rows"] = list(latest.values())
     result["targets"] = targets(result["rows"])
     (out_dir / "sbmm.json").write_text(json.dumps(result, indent=1) + "\n")
 

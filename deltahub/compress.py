@@ -18,7 +18,9 @@ from __future__ import annotations
 import ctypes
 import shutil
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,8 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json",
                "merges.txt", "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json")
 GROUPS = ("linear", "embedding", "lm_head", "other")
-CHUNK_BYTES = 16 << 20  # float32 bytes of a matrix compressed in one codec call at most
+CHUNK_BYTES = 16 << 20  # float32 bytes of a matrix compressed in one codec call at most (CPU)
+GPU_CHUNK_BYTES = 1 << 30  # the same on a GPU: whole matrices, one inverse Cholesky factor each
 MIN_SHARD_BYTES, MAX_SHARD_BYTES = 32 << 20, 4 << 30
 EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embeddings.weight")
 
@@ -61,6 +64,7 @@ class CompressConfig:
     device: str = "cpu"
     batch_tokens: int | None = None  # calibration tokens per forward batch (None: 1024 CPU, 8192 GPU)
     options: dict[str, Any] = field(default_factory=dict)  # codec-specific (e.g. damp)
+    distill_steps: int = 0  # > 0: tune the scales against the fine-tune's logits (deltahub.distill)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,11 +144,11 @@ class _Compressor:
 
     def _base(self, name: str, rows: slice | None = None) -> torch.Tensor:
         t = self.cb.get(self.plan.base_name[name])
-        return (t if rows is None else t[rows]).to(self.device, torch.float32)
+        return (t if rows is None else t[rows]).to(self.device).to(torch.float32)
 
     def _ft(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        t = self.cf.get(name)
-        return (t if rows is None else t[rows]).to(self.device, torch.float32)
+        t = self.cf.get(name)  # moved in its stored dtype (fewer bytes), converted on the device
+        return (t if rows is None else t[rows]).to(self.device).to(torch.float32)
 
     @torch.no_grad()
     def matrix(self, name: str, codec: Codec, hessian: torch.Tensor | None = None,
@@ -153,7 +157,8 @@ class _Compressor:
         n_base = self.cb.shape(self.plan.base_name[name])[0]
         k = self.cf.shape(name)[1]
         # only very tall matrices (embeddings) are split here; codecs bound their own work
-        chunks = (row_chunks(n_base, k, self.device, budget_bytes=CHUNK_BYTES) if codec.row_separable
+        budget = GPU_CHUNK_BYTES if self.device.type == "cuda" else CHUNK_BYTES
+        chunks = (row_chunks(n_base, k, self.device, budget_bytes=budget) if codec.row_separable
                   else [slice(0, n_base)])
         packs = []
         for rows in chunks:
@@ -169,6 +174,27 @@ class _Compressor:
             if out is not None:
                 out[n_base:].copy_(extra)
         self._add(name, packed)
+
+    @torch.no_grad()
+    def matrix_group(self, names: list[str], codec: Codec, hessian: torch.Tensor,
+                     outs: list[torch.Tensor | None]) -> None:
+        """Linears reading one input (one Hessian), e.g. q/k/v or gate/up: Δ compressed as one
+        row-concatenated matrix (one inverse Cholesky factor, one pass over the columns), then
+        split by rows. For a row-separable codec this equals compressing each one alone."""
+        sizes = [self.cb.shape(self.plan.base_name[n])[0] for n in names]
+        k = self.cf.shape(names[0])[1]
+        delta = torch.cat([self._ft(n).sub_(self._base(n)) for n in names])
+        packed = codec.compress(delta, hessian)
+        del delta
+        r0 = 0
+        for name, rows, out in zip(names, sizes, outs, strict=True):
+            parts = {p: t[r0 : r0 + rows] for p, t in packed.parts.items()}  # qlinear parts: [N, ...]
+            part = PackedTensor(packed.kind, (rows, k), parts, codec=packed.codec, layout=packed.layout,
+                                info=dict(packed.info))
+            if out is not None:
+                out.copy_(self._base(name).add_(codec.decompress(part)))
+            self._add(name, _to_cpu(part))
+            r0 += rows
 
     @torch.no_grad()
     def dense(self, name: str, out: torch.Tensor | None = None) -> None:
@@ -187,6 +213,29 @@ class _Compressor:
 def _to_cpu(p: PackedTensor) -> PackedTensor:
     parts = {k: v.to("cpu") for k, v in p.parts.items()}
     return PackedTensor(p.kind, p.shape, parts, codec=p.codec, layout=p.layout, info=p.info)
+
+
+def _in_background(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Start ``fn()`` in a daemon thread (an error elsewhere never waits for it); the returned
+    callable waits for its result (re-raising its exception)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="deltahub-fingerprint", daemon=True)
+    thread.start()
+
+    def result() -> Any:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return result
 
 
 def _release_freed_memory() -> None:
@@ -237,6 +286,8 @@ def compress(base: str | Path, finetuned: str | Path, output: str | Path,
         raise UsageError(f"lossless stage must be zstd or none, got {cfg.lossless!r}")
     if codec.needs_calibration and (cfg.calibration_samples < 1 or cfg.seq_len < 1):
         raise UsageError("--calibration-samples and --seq-len must be positive")
+    if cfg.distill_steps < 0:
+        raise UsageError(f"--distill-steps must be >= 0, got {cfg.distill_steps}")
     b, f = resolve_model(base, token=token), resolve_model(finetuned, token=token)
     cb, cf = Checkpoint(b.path), Checkpoint(f.path)
     calibrate = codec.needs_calibration
@@ -255,6 +306,8 @@ def compress(base: str | Path, finetuned: str | Path, output: str | Path,
     _prepare_output(out, [b.path, f.path])
     writer = DeltaWriter(out, lossless_codec=cfg.lossless, max_shard_bytes=_shard_bytes(cf, codec))
     run = _Compressor(cb, cf, plan, writer, device)
+    # hashing the weight files (sha256 releases the GIL) overlaps with the compression
+    prints = _in_background(lambda: (fingerprint(b.path), fingerprint(f.path)))
     s = codec.settings
     emb_codec = RtnCodec(CodecSettings(s.bits, s.sparsity, s.group_size)) if calibrate else codec
     groups: dict[str, dict[str, Any]] = {"linear": codec.describe(), "lm_head": codec.describe(),
@@ -280,16 +333,25 @@ def compress(base: str | Path, finetuned: str | Path, output: str | Path,
         if name not in run.done:
             run.dense(name)
 
+    b_print, f_print = prints()
     stats = _stats(writer, cf, time.time() - start)
     dcfg = DeltaConfig(
-        base_model=ModelRef(b.id if not b.is_local else str(b.path), b.revision, fingerprint(b.path)),
-        finetuned_model=ModelRef(f.id if not f.is_local else str(f.path), f.revision, fingerprint(f.path)),
+        base_model=ModelRef(b.id if not b.is_local else str(b.path), b.revision, b_print),
+        finetuned_model=ModelRef(f.id if not f.is_local else str(f.path), f.revision, f_print),
         architectures=list(cf.config().get("architectures") or []),
         compression={"method": codec.name, "lossless": cfg.lossless, "groups": groups,
                      "calibration": calib_info},
         stats=stats, tie_word_embeddings=plan.tied)
     copy_model_files(f.path, out)
-    return writer.finish(dcfg)
+    result = writer.finish(dcfg)
+    if cfg.distill_steps > 0:
+        from deltahub.distill import distill_scales
+        from deltahub.store import DeltaReader
+
+        distill_scales(out, base=b.path, finetuned=f.path, calibration_data=cfg.calibration_data,
+                       steps=cfg.distill_steps, device=str(device))
+        result = DeltaReader(out).config
+    return result
 
 
 @torch.no_grad()
@@ -319,12 +381,16 @@ def _calibrated(run: _Compressor, skel, codec: Codec, emb_codec: Codec, ids: tor
         layer_names = [n for n in plan.names if skel.layer_of(n) == i]
         skel.load_layer(i, lambda n, p: p.copy_(run._ft(n)))
         hessians = skel.layer_hessians(i, hidden)
-        for name in layer_names:
-            p = skel.parameter(name) if name in skel.param_names else None
-            if plan.group[name] == "linear":
-                run.matrix(name, codec, hessians.pop(name, None), out=p)
+        for names in _shared_input_groups(layer_names, plan, hessians, codec, run.device):
+            ps = [skel.parameter(n) if n in skel.param_names else None for n in names]
+            if len(names) > 1:
+                run.matrix_group(names, codec, hessians[names[0]], ps)
+            elif plan.group[names[0]] == "linear":
+                run.matrix(names[0], codec, hessians.get(names[0]), out=ps[0])
             else:
-                run.dense(name, out=p)
+                run.dense(names[0], out=ps[0])
+            for n in names:
+                hessians.pop(n, None)
         del hessians
         skel.run_layer(i, hidden)
         skel.release_layer(i)
@@ -335,6 +401,27 @@ def _calibrated(run: _Compressor, skel, codec: Codec, emb_codec: Codec, ids: tor
         run.matrix(head, codec, skel.lm_head_hessian(hidden))
     bar.update()
     bar.close()
+
+
+def _shared_input_groups(names: list[str], plan: _Plan, hessians: dict[str, torch.Tensor], codec: Codec,
+                         device: torch.device) -> list[list[str]]:
+    """``names`` in order, as lists: on a GPU with a row-separable codec, the linears sharing one
+    Hessian (one input) form one list (compressed together); everything else stands alone. On
+    the CPU every tensor stands alone (concatenating would cost host memory)."""
+    if device.type != "cuda" or not codec.row_separable:
+        return [[n] for n in names]
+    groups: dict[int, list[str]] = {}
+    out: list[list[str]] = []
+    for n in names:
+        h = hessians.get(n) if plan.group[n] == "linear" else None
+        if h is None:
+            out.append([n])
+        elif id(h) in groups:
+            groups[id(h)].append(n)
+        else:
+            groups[id(h)] = [n]
+            out.append(groups[id(h)])
+    return out
 
 
 def _shard_bytes(cf: Checkpoint, codec: Codec) -> int:

@@ -8,17 +8,38 @@ embeddings and attention masks are whatever the architecture computes. The same 
 last hidden states back in to capture the lm_head's inputs (after the final norm).
 
 Shapes: ids [n, L]; hidden states are kept as a list of [b, L, hidden] batches.
+
+Precision: on a GPU the float32 matmuls of these passes (layer forwards, Hessian accumulation) run
+in TF32 (10-bit mantissa, float32 range and accumulation). Hidden states are stored in the
+checkpoint's 16-bit dtype between layers anyway, and the codecs damp H by 1 % of its mean
+diagonal, far above TF32's ~1e-3 relative rounding of the products; the codecs' own matmuls
+(error feedback) stay in full float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from deltahub.errors import UsageError
+
+
+@contextmanager
+def calibration_precision(device: torch.device) -> Iterator[None]:
+    """TF32 float32 matmuls on CUDA for the duration (see the module docstring); a no-op on CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
 
 
 class _Stop(Exception):
@@ -182,7 +203,8 @@ class LayerwiseModel:
         """Layer-0 inputs of every batch of ``ids`` [n, L]; remembers each layer's extra args."""
         hidden = []
         for b in range(0, ids.shape[0], batch_size):
-            sink = self._outer_pass(ids[b : b + batch_size])
+            with calibration_precision(self.device):
+                sink = self._outer_pass(ids[b : b + batch_size])
             bs = sink[0][0].shape[0]
             self._kwargs.setdefault(bs, {i: sink[i][1:] for i in range(self.n_layers)})
             hidden.append(sink[0][0].to(store_dtype))
@@ -194,7 +216,8 @@ class LayerwiseModel:
         layer = self.layers[i]
         for j, h in enumerate(hidden):
             args, kwargs = self._kwargs[h.shape[0]][i]
-            out = layer(h.to(torch.float32), *args, **kwargs)
+            with calibration_precision(self.device):
+                out = layer(h.to(torch.float32), *args, **kwargs)
             hidden[j] = (out[0] if isinstance(out, tuple) else out).to(h.dtype)
 
     @torch.no_grad()
@@ -230,7 +253,8 @@ class LayerwiseModel:
             for h in hidden:
                 seen.clear()
                 args, kwargs = self._kwargs[h.shape[0]][i]
-                layer(h.to(torch.float32), *args, **kwargs)
+                with calibration_precision(self.device):
+                    layer(h.to(torch.float32), *args, **kwargs)
         finally:
             seen.clear()
             for hk in hooks:
@@ -247,10 +271,12 @@ class LayerwiseModel:
             return None
         total, count = None, 0
         for h in hidden:
-            x = self._outer_pass(None, final=h.to(torch.float32)).get("lm_head")
+            with calibration_precision(self.device):
+                x = self._outer_pass(None, final=h.to(torch.float32)).get("lm_head")
             if x is None:
                 return None
             x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
-            total = x2.T @ x2 if total is None else total.addmm_(x2.T, x2)
+            with calibration_precision(self.device):
+                total = x2.T @ x2 if total is None else total.addmm_(x2.T, x2)
             count += x2.shape[0]
         return None if total is None else total * (2.0 / count)

@@ -1,8 +1,10 @@
 """Triton kernels for serving deltas, each with a float32 torch reference (kernels/reference.py).
 
-Public ops (see each one's ``Semantics:``): ``sbmm`` (compressed qlinear deltas), ``sgmv`` (LoRA),
+Public ops (see each one's ``Semantics:``): ``sbmm`` (compressed qlinear deltas), ``sbmm_device``
+(the same on 2:4 2/4-bit deltas repacked into the GPU slot layout, kernels/layout.py), ``sgmv`` (LoRA),
 ``embedding_delta`` (rows of a compressed embedding delta), and ``plan`` (group a batch by slot
-once, reuse it for every layer of a step). CUDA tensors run the Triton kernels; CPU tensors run the
+once, reuse it for every layer of a step); for the compressor, ``obs_block`` (one lazy block of the
+obs codec's column loop). CUDA tensors run the Triton kernels; CPU tensors run the
 reference. Importing this package does not import triton.
 """
 
@@ -13,7 +15,7 @@ import torch
 from . import reference
 from ._common import Plan, plan
 
-__all__ = ["Plan", "embedding_delta", "plan", "sbmm", "sgmv"]
+__all__ = ["Plan", "embedding_delta", "obs_block", "plan", "sbmm", "sgmv"]
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -42,7 +44,7 @@ def sbmm(
     out [T, N] in x's dtype (zeros if None). Returns out.
     """
     if _use_triton(x):
-        from .sbmm_triton import sbmm as fn
+        from .sbmm import sbmm as fn
 
         return fn(
             x,
@@ -73,6 +75,23 @@ def sbmm(
     )
 
 
+def sbmm_device(
+    x, dw, scales, slot, *, bits, group_size, k, out=None, plan_: Plan | None = None, active=None
+):
+    """Semantics: as ``sbmm``, on deltas in the GPU slot layout (``kernels/layout.py``: 2:4, 2/4-bit).
+
+    Shape: x [T, k] fp16/bf16; dw [S, N, W] int16; scales [S, N, G] fp32; slot [T]; out [T, N].
+    ``active``: number of live slots (autotuning hint). Returns out.
+    """
+    if _use_triton(x):
+        from .sbmm24 import sbmm_device as fn
+
+        return fn(
+            x, dw, scales, slot, bits=bits, group_size=group_size, k=k, out=out, plan_=plan_, active=active
+        )
+    return reference.sbmm_device(x, dw, scales, slot, bits=bits, group_size=group_size, k=k, out=out)
+
+
 def sgmv(x, lora_a, lora_b, slot, *, scale=None, out=None, plan_: Plan | None = None):
     """Semantics: out[t] += scale[slot[t]] * (x[t] @ lora_a[slot[t]]ᵀ) @ lora_b[slot[t]]ᵀ (slot >= 0).
 
@@ -80,7 +99,7 @@ def sgmv(x, lora_a, lora_b, slot, *, scale=None, out=None, plan_: Plan | None = 
     out [T, N] in x's dtype (zeros if None). Returns out.
     """
     if _use_triton(x):
-        from .sgmv_triton import sgmv as fn
+        from .sgmv import sgmv as fn
 
         return fn(x, lora_a, lora_b, slot, scale=scale, out=out, plan_=plan_)
     return reference.sgmv(x, lora_a, lora_b, slot, scale=scale, out=out)
@@ -107,3 +126,24 @@ def embedding_delta(ids, qweight, scales, slot, *, bits, sparse, group_size, k, 
         meta=meta,
         qweight_hi=qweight_hi,
     )
+
+
+# kernels/sbmm.py and kernels/sgmv.py carry these ops' names: importing one rebinds the package
+# attribute to the module, which then forwards calls to the op here (_common.forward_calls).
+_OPS = {"sbmm": sbmm, "sgmv": sgmv}
+
+
+def obs_block(w, u, scale, *, bits, sparse, codes=None, keep=None, err=None):
+    """Semantics: one lazy block of the OBS column loop: for j in order, 2:4 mask every 4 columns
+    (top-2 of w² / U_jj²), codes[:, j] = quantize(w[:, j], scale), err[:, j] = (w - q) / U_jj,
+    w[:, j:] -= err[:, j] ⊗ U[j, j:] (details: kernels/obs_block_triton.py).
+
+    Shape: w [n, B] fp32 (not modified); u [B, B] fp32; scale [n] fp32; outputs (given or
+    allocated) codes [n, B] uint8, keep [n, B] bool (sparse only), err [n, B] fp32.
+    Returns (codes, keep or None, err).
+    """
+    if _use_triton(w):
+        from .obs_block_triton import obs_block as fn
+    else:
+        fn = reference.obs_block
+    return fn(w, u, scale, bits=bits, sparse=sparse, codes=codes, keep=keep, err=err)

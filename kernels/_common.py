@@ -9,6 +9,8 @@ The kernels turn ``seg`` into their (slot, token block) work items themselves.
 from __future__ import annotations
 
 import os
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -45,6 +47,20 @@ def check_plan(p: Plan, t: int, n_slots: int) -> None:
             f"plan was made for {tuple(p.order.shape)} tokens / {p.seg.numel() - 1} slots, "
             f"call has {t} tokens / {n_slots} slots"
         )
+
+
+def forward_calls(module_name: str, op: str) -> None:
+    """Make module ``deltahub.kernels.<op>`` callable as the package's op of the same name: once
+    imported, the module is what ``deltahub.kernels.<op>`` names (Python binds submodules on their
+    package), so ``kernels.sbmm(...)`` keeps working after ``import deltahub.kernels.sbmm``."""
+    mod = sys.modules[module_name]
+    package = module_name.rpartition(".")[0]
+
+    class _OpModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return sys.modules[package]._OPS[op](*args, **kwargs)
+
+    mod.__class__ = _OpModule
 
 
 def interpreting() -> bool:
@@ -94,7 +110,7 @@ class Tuner:
         times = {}
         for c in candidates:
             try:
-                times[c] = do_bench(lambda c=c: run(c), warmup=5, rep=25, return_mode="median")
+                times[c] = do_bench(lambda c=c: run(c), warmup=3, rep=12, return_mode="median")
             except Exception as exc:  # a config the compiler rejects (resources) is skipped
                 if "out of resource" not in str(exc).lower() and "OutOfResources" not in type(exc).__name__:
                     raise

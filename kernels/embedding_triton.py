@@ -10,7 +10,7 @@ from deltahub.errors import ShapeMismatchError
 
 from ._common import check_device, next_pow2
 from .dequant_triton import _dequant_tile
-from .sbmm_triton import _check
+from .sbmm import _check
 
 
 @triton.jit

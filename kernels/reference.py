@@ -99,6 +99,26 @@ def sbmm(
     return out
 
 
+def sbmm_device(
+    x: torch.Tensor,
+    dw: torch.Tensor,
+    scales: torch.Tensor,
+    slot: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int | None,
+    k: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sbmm`` on deltas in the GPU slot layout (kernels/layout.py), read back to the packed parts."""
+    from .layout import from_device_layout
+
+    lay = _layout(bits, True, group_size)
+    parts = from_device_layout({"dw": dw, "scales": scales}, lay, dw.shape[1], k)
+    kw = dict(bits=bits, sparse=True, group_size=group_size, k=k, meta=parts["meta"], out=out)
+    return sbmm(x, parts["qweight"], scales, slot, **kw)
+
+
 def sgmv(
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -165,3 +185,40 @@ def embedding_delta(
             rows=ids[idx].long(),
         )
     return out
+
+
+def _two_of_four(saliency: torch.Tensor) -> torch.Tensor:
+    """[n, M] -> bool mask keeping the 2 largest of every 4 (ties: the lower index), as the kernel."""
+    s = saliency.reshape(saliency.shape[0], -1, 4)
+    idx = torch.arange(4, device=s.device)
+    a, b = s.unsqueeze(-1), s.unsqueeze(-2)  # [n, g, j, 1] vs [n, g, 1, k]: does k beat j?
+    beats = (b > a) | ((b == a) & (idx < idx.unsqueeze(-1)))
+    return (beats.sum(-1) < 2).reshape(saliency.shape)
+
+
+def obs_block(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, *, bits: int, sparse: bool,
+              codes: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+              err: torch.Tensor | None = None):
+    """One lazy block of the OBS column loop (Semantics/Shape: kernels/obs_block_triton.py).
+    w [n, B] float32 (not modified), u [B, B], scale [n] -> (codes uint8, keep bool or None, err)."""
+    from deltahub.codecs.base import fake_quant
+
+    n, b = w.shape
+    codes = torch.empty(n, b, dtype=torch.uint8, device=w.device) if codes is None else codes
+    if sparse and keep is None:
+        keep = torch.empty(n, b, dtype=torch.bool, device=w.device)
+    err = torch.empty(n, b, dtype=torch.float32, device=w.device) if err is None else err
+    w1 = w.clone()
+    d1 = torch.diagonal(u)
+    for i in range(b):
+        if sparse and i % 4 == 0:
+            keep[:, i : i + 4] = _two_of_four(w1[:, i : i + 4].square() / d1[i : i + 4].square())
+        x = w1[:, i]
+        c, q = fake_quant(x, scale, bits)
+        if sparse:
+            q = q * keep[:, i]
+        codes[:, i] = c
+        e = (x - q) / d1[i]
+        w1[:, i:].addr_(e, u[i, i:], alpha=-1)
+        err[:, i] = e
+    return codes, (keep if sparse else None), err

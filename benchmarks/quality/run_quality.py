@@ -38,6 +38,7 @@ DATA = HERE / "data"
 # (label, method, bits, sparsity, options); "lowrank" gets its budget from "obs 2-bit 2:4".
 SETTINGS = [
     ("obs 2-bit 2:4", "obs", 2, "2:4", {}),
+    ("obs 1-bit 2:4", "obs", 1, "2:4", {}),  # near bitdelta's bytes: the equal-size comparison
     ("obs 4-bit 2:4", "obs", 4, "2:4", {}),
     ("obs 3-bit 2:4", "obs", 3, "2:4", {}),
     ("obs 4-bit dense", "obs", 4, "none", {}),
@@ -45,10 +46,22 @@ SETTINGS = [
     ("rtn 2-bit 2:4", "rtn", 2, "2:4", {}),
     ("bitdelta", "bitdelta", 1, "none", {}),
     ("bitdelta + scale distillation", "bitdelta", 1, "none", {"distill": True}),
+    ("obs 2-bit 2:4 + scale distillation", "obs", 2, "2:4", {"distill": True}),
+    ("obs 4-bit 2:4 + scale distillation", "obs", 4, "2:4", {"distill": True}),
     ("dare p=0.5 (2:4) 4-bit", "dare", 4, "2:4", {"p": 0.5}),
     ("dare p=0.5 (2:4) 2-bit", "dare", 2, "2:4", {"p": 0.5}),
     ("lowrank @ obs 2-bit 2:4 bytes", "lowrank", 0, "none", {"budget_of": "obs 2-bit 2:4"}),
 ]
+# Ablations of obs, run only when named in --settings: damping, calibration size, group scales.
+ABLATIONS = [
+    ("obs 4-bit 2:4 damp 0.1", "obs", 4, "2:4", {"damp": 0.1}),
+    ("obs 4-bit 2:4 calib 512", "obs", 4, "2:4", {"calib_samples": 512}),
+    ("obs 4-bit 2:4 g128", "obs", 4, "2:4", {"group_size": 128}),
+    ("obs 4-bit 2:4 no act-order", "obs", 4, "2:4", {"act_order": False}),
+    ("obs 2-bit 2:4 damp 0.1", "obs", 2, "2:4", {"damp": 0.1}),
+    ("obs 2-bit 2:4 calib 512", "obs", 2, "2:4", {"calib_samples": 512}),
+]
+RUN_OPTIONS = ("distill", "budget_of", "calib_samples", "group_size")  # not codec options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +93,17 @@ def finetune_worker(domain: str, a: dict) -> dict:
     _setup_worker(a["threads"])
     t0 = time.time()
     dev = torch.device(a["device"])
+    out = Path(a["work"]) / "finetunes" / domain
+    src = Path(a["finetunes_from"]) / domain if a.get("finetunes_from") else None
+    if src is not None and (src / "config.json").is_file():  # the same weights as an earlier run
+        shutil.copytree(src, out)
+        m = load_model(out, dev)
+        res = {"domain": domain, "reused_from": str(src), "folder": str(out)}
+        for which in (domain, a["general"]):
+            ids = _tokens(f"{which}_heldout", Path(a["tokens"]))[: a["eval_tokens"]]
+            key = f"ppl_{'domain' if which == domain else 'general'}"
+            res[key] = perplexity(m, ids, seq_len=a["eval_seq_len"])[0]
+        return res
     torch.manual_seed(a["seed"])
     data = _tokens(f"{domain}_train", Path(a["tokens"]))
     model = AutoModelForCausalLM.from_pretrained(a["base"], dtype=torch.float32).to(dev).train()
@@ -105,7 +129,6 @@ def finetune_worker(domain: str, a: dict) -> dict:
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-    out = Path(a["work"]) / "finetunes" / domain
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
     AutoTokenizer.from_pretrained(a["base"]).save_pretrained(str(out))
     del model, opt
@@ -155,16 +178,17 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
 
     _setup_worker(a["threads"])
     label, method, bits, sparsity, options = setting
-    opts = {k: v for k, v in options.items() if k not in ("distill", "budget_of")}
+    opts = {k: v for k, v in options.items() if k not in RUN_OPTIONS}
     if method == "lowrank":
         opts["bits_per_weight"] = extra["bits_per_weight"]
     ft = Path(a["work"]) / "finetunes" / domain
     delta = Path(a["work"]) / "deltas" / domain / label.replace(" ", "_").replace("/", "_")
     cfg = CompressConfig(
         method=method,
-        bits=max(bits, 2),
+        bits=bits if method == "obs" else max(bits, 2),
         sparsity=sparsity,
-        calibration_samples=a["calib_samples"],
+        group_size=options.get("group_size"),
+        calibration_samples=options.get("calib_samples", a["calib_samples"]),
         seq_len=a["calib_seq_len"],
         calibration_data=str(Path(a["calib"]) / f"{domain}.txt"),
         device=a["device"],
@@ -174,7 +198,7 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
     dcfg = compress(a["base"], ft, delta, cfg, progress=False)
     distill = None
     if options.get("distill"):
-        from deltahub.codecs.bitdelta import distill_scales
+        from deltahub.distill import distill_scales
 
         distill = distill_scales(
             delta,
@@ -192,14 +216,23 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
         dcfg.stats["ratio_vs_bf16"] = dcfg.stats["finetuned_bf16_bytes"] / stored
     seconds = time.time() - t0
     model = load_reconstructed(delta, a["base"], a["device"])
-    ppl_d = perplexity(
-        model, _tokens(f"{domain}_heldout", Path(a["tokens"]))[: a["eval_tokens"]], seq_len=a["eval_seq_len"]
-    )[0]
+    dom_ids = _tokens(f"{domain}_heldout", Path(a["tokens"]))[: a["eval_tokens"]]
+    ppl_d = perplexity(model, dom_ids, seq_len=a["eval_seq_len"])[0]
     ppl_g = perplexity(
         model,
         _tokens(f"{a['general']}_heldout", Path(a["tokens"]))[: a["eval_tokens"]],
         seq_len=a["eval_seq_len"],
     )[0]
+    ppl_exact_emb = None
+    if method == "obs" and sparsity == "2:4":  # diagnostic: how much of the loss is the embedding's
+        from safetensors import safe_open
+
+        emb = model.get_input_embeddings().weight
+        with safe_open(str(ft / "model.safetensors"), "pt") as f:
+            name = next(n for n in f.keys() if n.endswith("embed_tokens.weight"))  # noqa: SIM118
+            with torch.no_grad():
+                emb.copy_(f.get_tensor(name).to(emb.device, emb.dtype))
+        ppl_exact_emb = perplexity(model, dom_ids, seq_len=a["eval_seq_len"])[0]
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -210,11 +243,12 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
         "method": method,
         "bits": bits if method != "lowrank" else None,
         "sparsity": sparsity if method != "lowrank" else None,
-        "options": opts,
+        "options": {**opts, **{k: options[k] for k in ("group_size", "calib_samples") if k in options}},
         "payload_bytes": st["payload_bytes"],
         "ratio": round(st["finetuned_bf16_bytes"] / st["payload_bytes"], 3),
         "ppl_domain": ppl_d,
         "ppl_general": ppl_g,
+        "ppl_domain_exact_embedding": ppl_exact_emb,
         "compress_seconds": round(seconds, 1),
         "bits_per_matrix_weight": 8 * st["payload_bytes"] / matrix_params,
         "distill": distill,
@@ -247,7 +281,7 @@ def _f(x, spec: str = ".3f") -> str:
 def ordered_rows(result: dict) -> list[dict]:
     """Rows by fine-tune, then in SETTINGS order (jobs finish in any order)."""
     doms = [f["domain"] for f in result["finetunes"]]
-    labels = [s[0] for s in SETTINGS]
+    labels = [s[0] for s in SETTINGS + ABLATIONS]
 
     def key(r: dict) -> tuple:
         return (
@@ -258,17 +292,23 @@ def ordered_rows(result: dict) -> list[dict]:
     return sorted(result["rows"], key=key)
 
 
+def _exact_emb(r: dict) -> str:
+    """Diagnostic column: the reconstruction with the fine-tune's own (tied) embedding."""
+    x = r.get("ppl_domain_exact_embedding")
+    return "–" if x is None else f"{100 * (x / r['ppl_domain_original'] - 1):+.2f} %"
+
+
 def markdown(result: dict) -> str:
     lines = [
         "| fine-tune | codec | payload | ratio vs bf16 | ppl domain (fine-tune → reconstructed) | "
-        "rel. increase | ppl general |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "rel. increase | ppl general | rel. increase, fine-tune's embedding |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in ordered_rows(result):
         lines.append(
             f"| {r['finetune']} | {r['codec']} | {r['payload_bytes'] / 1e6:.2f} MB | {r['ratio']:.2f}× | "
             f"{r['ppl_domain_original']:.3f} → {r['ppl_domain']:.3f} | {100 * r['rel_increase']:+.2f} % | "
-            f"{r['ppl_general']:.3f} |"
+            f"{r['ppl_general']:.3f} | {_exact_emb(r)} |"
         )
     lines += [
         "",
@@ -278,8 +318,9 @@ def markdown(result: dict) -> str:
     ]
     for f in result["finetunes"]:
         lines.append(
-            f"| {f['domain']} | {f['steps']} × {f['batch']} × {f['seq_len']} | "
-            f"{_f(f.get('ppl_domain_base'))} | {_f(f['ppl_domain'])} | {_f(f.get('ppl_general_base'))} | "
+            f"| {f['domain']} | "
+            + ("reused | " if "reused_from" in f else f"{f['steps']} × {f['batch']} × {f['seq_len']} | ")
+            + f"{_f(f.get('ppl_domain_base'))} | {_f(f['ppl_domain'])} | {_f(f.get('ppl_general_base'))} | "
             f"{_f(f['ppl_general'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -400,6 +441,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--domains", default=None, help="comma-separated subset of the manifest's domains")
     ap.add_argument("--settings", default=None, help="comma-separated subset of setting labels")
+    ap.add_argument("--finetunes-from", default=None, metavar="DIR",
+                    help="evaluate the fine-tunes in DIR/<domain> (an earlier run's work/finetunes) "
+                         "instead of training them")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=6e-5)
     ap.add_argument("--batch", type=int, default=16)
@@ -442,7 +486,12 @@ def main() -> None:
     base, manifest = prepare_base(a, work)
     print(f"[{time.time() - t_start:5.0f}s] base ready: {base}", flush=True)
     domains = a.domains.split(",") if a.domains else manifest["domains"]
-    settings = [s for s in SETTINGS if not a.settings or s[0] in a.settings.split(",")]
+    chosen = a.settings.split(",") if a.settings else None
+    settings = [s for s in SETTINGS if chosen is None or s[0] in chosen]
+    settings += [s for s in ABLATIONS if chosen is not None and s[0] in chosen]
+    unknown = set(chosen or ()) - {s[0] for s in settings}
+    if unknown:
+        raise SystemExit(f"unknown setting label(s): {sorted(unknown)}")
     import torch
 
     device_name = (
@@ -454,6 +503,7 @@ def main() -> None:
         "tokens": str(Path(a.carry1) / "tokens"),
         "calib": str(Path(a.carry1) / "calib"),
         "device": a.device,
+        "finetunes_from": a.finetunes_from,
         "general": manifest["general"],
         "steps": a.steps,
         "lr": a.lr,
@@ -555,9 +605,11 @@ def main() -> None:
             elif f in ft_f:
                 d = ft_f.pop(f)
                 fts[d] = res
+                how = (f"reused {res['reused_from']}" if "reused_from" in res
+                       else f"loss {res['loss_first10']:.3f} -> {res['loss_last10']:.3f}")
                 print(
-                    f"[{time.time() - t_start:5.0f}s] fine-tune {d}: loss {res['loss_first10']:.3f} -> "
-                    f"{res['loss_last10']:.3f}, ppl {res['ppl_domain']:.3f} general {res['ppl_general']:.3f}",
+                    f"[{time.time() - t_start:5.0f}s] fine-tune {d}: {how}, ppl {res['ppl_domain']:.3f} "
+                    f"general {res['ppl_general']:.3f}",
                     flush=True,
                 )
                 for i, s in enumerate(settings):

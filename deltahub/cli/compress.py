@@ -26,6 +26,10 @@ def add_compress_options(parser: argparse.ArgumentParser) -> None:
                         help="tokens per calibration sequence (default 512)")
     parser.add_argument("--calibration-data", metavar="FILE", default=None,
                         help="text or JSON Lines ('text' field) file; default: a built-in English text set")
+    parser.add_argument("--distill-steps", type=int, default=0, metavar="N",
+                        help="after compressing, tune the scales for N steps so that base + delta "
+                             "matches the fine-tune's logits on the calibration text (default 0: off; "
+                             "100 is typical)")
     parser.add_argument("--lossless", default="zstd", help="lossless stage: zstd (default) or none")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
@@ -37,7 +41,8 @@ def compress_config(args: argparse.Namespace):
     return CompressConfig(method=args.method, bits=args.bits, sparsity=args.sparsity,
                           group_size=args.group_size,
                           calibration_samples=args.calibration_samples, seq_len=args.seq_len,
-                          calibration_data=args.calibration_data, lossless=args.lossless, device=args.device)
+                          calibration_data=args.calibration_data, lossless=args.lossless, device=args.device,
+                          distill_steps=args.distill_steps)
 
 
 def register(sub) -> None:

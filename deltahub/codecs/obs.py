@@ -13,11 +13,18 @@ For a delta Δ [N, K] of a linear layer and its calibration Hessian H = 2 X Xᵀ
 3. Scales: per output row from the full (padded) row, or per group of ``group_size`` inputs
    computed when the group starts (from the error-updated weights); each is the clipping ratio
    with least squared error on the entries a provisional saliency mask keeps.
+4. ``act_order`` (default on; per-row scales only): the groups of 4 inputs are processed in
+   decreasing order of their total H_ii, so the columns that matter most are fixed first and their
+   errors land on columns that matter less (the 2:4 groups themselves are unchanged). Measured on
+   SmolLM2-135M Hessians with Laplace deltas: layer-output error -0 to -4 % at 4 bits, up to -11 %
+   at 2 bits.
 
 Without a Hessian (embeddings) every column is independent and this reduces to ``rtn``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -26,7 +33,6 @@ from deltahub.codecs.base import (
     CodecSettings,
     QuantCodec,
     concat_packed,
-    fake_quant,
     group_index,
     keep_two_of_four,
     pack_dense_codes,
@@ -58,15 +64,36 @@ def _inverse_factor(h: torch.Tensor) -> torch.Tensor | None:
     return None if int(info) else u
 
 
-def inverse_cholesky(hessian: torch.Tensor, kp: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def group_order(hessian: torch.Tensor, kp: int) -> torch.Tensor:
+    """H [K, K] -> permutation [Kp] (int64) of the padded inputs that keeps each group of 4
+    together and orders the groups by decreasing sum of H_ii (padding counts 0)."""
+    d = torch.zeros(kp, device=hessian.device)
+    d[: hessian.shape[0]] = hessian.diagonal().to(torch.float32)
+    groups = torch.argsort(d.view(-1, 4).sum(1), descending=True, stable=True)
+    return (groups[:, None] * 4 + torch.arange(4, device=d.device)).flatten()
+
+
+def _permute_symmetric_(h: torch.Tensor, perm: torch.Tensor, rows: int = 256) -> None:
+    """h <- h[perm][:, perm] in place for a symmetric h [Kp, Kp], with [rows, Kp] temporaries:
+    permute the columns, then the columns of the transpose (= the rows, by symmetry)."""
+    for view in (h, h.t()):
+        for r in range(0, h.shape[0], rows):
+            view[r : r + rows] = view[r : r + rows].index_select(1, perm)
+
+
+def inverse_cholesky(hessian: torch.Tensor, kp: int, damp: float, perm: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """H [K, K] -> (U [Kp, Kp] float32 upper Cholesky factor of (H' + λI)⁻¹, dead [Kp] bool),
-    H' = H padded with an identity block to Kp and a unit diagonal on dead inputs (H_ii = 0).
+    H' = H padded with an identity block to Kp (then permuted as ``perm`` [Kp] says, if given)
+    and a unit diagonal on dead inputs (H_ii = 0).
 
     λ = ``damp`` x mean(diag H'), multiplied by 10 until the factorisation succeeds.
     """
     lam = None
     for _ in range(6):
         h = pad_hessian(hessian, kp)
+        if perm is not None:
+            _permute_symmetric_(h, perm)
         diag = h.diagonal()
         dead = diag == 0
         diag[dead] = 1.0
@@ -83,11 +110,12 @@ def inverse_cholesky(hessian: torch.Tensor, kp: int, damp: float) -> tuple[torch
 
 
 class ObsCodec(QuantCodec):
-    """SparseGPT/GPTQ with error feedback. Options: ``damp`` (0.01), ``block_size`` (128)."""
+    """SparseGPT/GPTQ with error feedback. Options: ``damp`` (0.01), ``block_size`` (128),
+    ``act_order`` (True: groups of 4 inputs in decreasing H_ii order; per-row scales only)."""
 
     name = "obs"
     needs_calibration = True
-    default_options = {"damp": 0.01, "block_size": 128}
+    default_options = {"damp": 0.01, "block_size": 128, "act_order": True}
 
     @torch.no_grad()
     def compress(self, delta: torch.Tensor, hessian: torch.Tensor | None = None) -> fmt.PackedTensor:
@@ -98,28 +126,47 @@ class ObsCodec(QuantCodec):
         if tuple(hessian.shape) != (k, k):
             raise CodecError(f"Hessian of shape {tuple(hessian.shape)} does not match delta [{n}, {k}]")
         kp = self.layout.padded_k(k)
-        u, dead = inverse_cholesky(hessian.to(delta.device), kp, float(self.options["damp"]))
+        hessian = hessian.to(delta.device)
+        perm = None
+        if self.options["act_order"] and self.layout.group_size is None:
+            perm = group_order(hessian, kp)
+        u, dead = inverse_cholesky(hessian, kp, float(self.options["damp"]), perm)
         chunks = []
         results = []
         for rows in row_chunks(n, kp, delta.device):
             w = pad_columns(delta[rows], kp)
+            if perm is not None:
+                w = w.index_select(1, perm)
             w[:, dead] = 0
             results.append(self._quantize_rows(w, u, k))
             del w
         del u  # free the Kp x Kp factor before packing
+        if perm is not None:  # back to the stored (input) order
+            inv = torch.argsort(perm)
+            results = [(c.index_select(1, inv), None if m is None else m.index_select(1, inv), sc)
+                       for c, m, sc in results]
         for codes, keep, scales in results:
             chunks.append(pack_dense_codes(codes, keep, scales, self.layout, (codes.shape[0], k), self.name))
         return concat_packed(chunks, (n, k))
 
     def _quantize_rows(self, w: torch.Tensor, u: torch.Tensor, k: int):
-        """w [n, Kp] (modified in place), U [Kp, Kp] -> codes [n, Kp], keep mask or None, scales."""
+        """w [n, Kp] (modified in place), U [Kp, Kp] -> codes [n, Kp], keep mask or None, scales.
+
+        Each lazy block runs through ``deltahub.kernels.obs_block`` (Triton on CUDA, the torch
+        reference on the CPU); the block's errors then update the columns right of it in one
+        matmul. With group scales the block is cut so that groups start at block starts, and a
+        group's scale is searched when its first block starts (from the error-updated weights).
+        """
+        from deltahub.kernels import obs_block
+
         lay = self.layout
         n, kp = w.shape
         bits, gs, n_groups = lay.bits, lay.group_size, lay.n_groups(k)
         gidx = group_index(lay, k, kp, w.device).tolist()
         diag = torch.diag(u)
-        codes = torch.empty(n, kp, dtype=torch.uint8, device=w.device)
-        keep = torch.zeros(n, kp, dtype=torch.bool, device=w.device) if lay.sparse else None
+        # column-major outputs: the kernel stores one column of all rows at a time
+        codes = torch.empty(kp, n, dtype=torch.uint8, device=w.device).t()
+        keep = torch.empty(kp, n, dtype=torch.bool, device=w.device).t() if lay.sparse else None
 
         def scale_of(values: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
             prov = keep_two_of_four(values.square() / d.square()) if lay.sparse else None
@@ -131,30 +178,18 @@ class ObsCodec(QuantCodec):
             scales[:, 0] = scale_of(w, diag)
         block = int(self.options["block_size"])
         block = max(4, block - block % 4)
+        if gs is not None:
+            block = math.gcd(block, gs)  # a power of two >= 4 dividing the group size
+        err_t = torch.empty(block, n, device=w.device)
         for i1 in range(0, kp, block):
             i2 = min(i1 + block, kp)
-            w1 = w[:, i1:i2].clone()
-            err1 = torch.empty_like(w1)
-            u1 = u[i1:i2, i1:i2]
-            d1 = diag[i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                if gs is not None and col % gs == 0 and col // gs < n_groups:
-                    end = kp if col // gs == n_groups - 1 else col + gs
-                    vals = w1[:, i : i + end - col] if end <= i2 else torch.cat([w1[:, i:], w[:, i2:end]], 1)
-                    scales[:, col // gs] = scale_of(vals, diag[col:end])
-                if keep is not None and i % 4 == 0:
-                    sal = w1[:, i : i + 4].square() / d1[i : i + 4].square()
-                    keep[:, col : col + 4] = keep_two_of_four(sal)
-                x = w1[:, i]
-                c, q = fake_quant(x, scales[:, gidx[col]], bits)
-                if keep is not None:
-                    q = q * keep[:, col]
-                codes[:, col] = c
-                e = (x - q) / d1[i]
-                w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
-                err1[:, i] = e
+            if gs is not None and i1 % gs == 0 and i1 // gs < n_groups:
+                g = i1 // gs
+                end = kp if g == n_groups - 1 else i1 + gs
+                scales[:, g] = scale_of(w[:, i1:end], diag[i1:end])
+            err = err_t[: i2 - i1].t()
+            obs_block(w[:, i1:i2], u[i1:i2, i1:i2], scales[:, gidx[i1]], bits=bits, sparse=lay.sparse,
+                      codes=codes[:, i1:i2], keep=None if keep is None else keep[:, i1:i2], err=err)
             if i2 < kp:
-                w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)
-        return codes, keep, scales
-
+                w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1)
+        return codes.contiguous(), None if keep is None else keep.contiguous(), scales

@@ -12,7 +12,9 @@ of the embedding and lm_head: token ids >= V look them up, and logits grow to [T
 -inf beyond the rows of each token's variant.
     DeltaRMSNorm    y = (w + Δw[slot]) * rmsnorm(x)       (1-D deltas kept in float32)
 Parts of deltas are written by ``write_slot`` after ``prepare`` allocated the pools they need
-(the runner calls prepare on the main stream and write_slot on its copy stream).
+(the runner calls prepare on the main stream and write_slot on its copy stream). On CUDA, linear
+layers keep 2:4 2/4-bit deltas in the GPU slot layout (``kernels/layout.py``: repacked once in
+write_slot, same bytes) and apply them with ``kernels.sbmm_device``.
 With ``dequantize`` (EngineConfig.cpu_dequantize_deltas, CPU only) a qlinear delta is stored as
 ``format.dequantize`` gives it -- the values the reference kernels compute every step -- once, when
 it enters its slot: exact and far faster on the CPU, at the memory of a dense delta per slot.
@@ -36,6 +38,12 @@ def _kernels():
     return kernels
 
 
+def _slot_layout():
+    from deltahub.kernels import layout
+
+    return layout
+
+
 def _layout_key(p: PackedTensor) -> tuple:
     lay = p.layout
     assert lay is not None
@@ -53,8 +61,11 @@ class _Pools:
         dtype: torch.dtype,
         device: torch.device,
         dequantize: bool = False,
+        slot_layout: bool = False,
     ) -> None:
         self.n, self.k, self.s = n, k, num_slots
+        self.slot_layout = slot_layout  # repack supported qlinear deltas for sbmm_device (CUDA)
+        self.live: set[int] = set()  # slots holding a qlinear delta (host-side; a tuning hint)
         self.dtype, self.device = dtype, device
         self.dequantize = dequantize  # qlinear deltas stored dequantized (the CPU fast path)
         self.q: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -75,7 +86,22 @@ class _Pools:
             self.prepare(PackedTensor("dense", p.shape, {"delta": torch.empty(0)}), what)
         elif p.kind == "qlinear":
             key = _layout_key(p)
-            if key not in self.q:
+            if key not in self.q and self._use_slot_layout(p):
+                lay = _slot_layout()
+                assert p.layout is not None
+                pool = {
+                    "dw": torch.zeros(
+                        (self.s, *lay.device_shape(p.layout, self.n, self.k)),
+                        dtype=torch.int16,
+                        device=self.device,
+                    ),
+                    "scales": torch.zeros(
+                        (self.s, *p.parts["scales"].shape), dtype=torch.float32, device=self.device
+                    ),
+                    "map": self._map(),
+                }
+                self.q[key] = pool
+            elif key not in self.q:
                 pool = {
                     name: torch.zeros((self.s, *t.shape), dtype=t.dtype, device=self.device)
                     for name, t in p.parts.items()
@@ -105,6 +131,18 @@ class _Pools:
         else:
             raise VariantLoadError(f"{what}: unsupported delta kind {p.kind!r}")
 
+    def _use_slot_layout(self, p: PackedTensor) -> bool:
+        # bf16 and per-row scales only: the combinations checked on the GPU so far (fp16 and group
+        # scales pass the interpreter tests; tests/kernels/test_gpu.py covers them on the device)
+        return (
+            self.slot_layout
+            and self.device.type == "cuda"
+            and self.dtype == torch.bfloat16
+            and p.layout is not None
+            and p.layout.group_size is None
+            and _slot_layout().supported(p.layout)
+        )
+
     def _prepare_extra(self, rows: torch.Tensor, what: str) -> None:
         if not self.vocab_rows:
             raise VariantLoadError(f"{what}: added rows are only possible for the embedding and lm_head")
@@ -120,6 +158,7 @@ class _Pools:
             self.extra = {"rows": new, "n": n}
 
     def clear(self, slot: int) -> None:
+        self.live.discard(slot)
         for pool in (*self.q.values(), self.lora, self.dense):
             if pool is not None:
                 pool["map"][slot] = -1
@@ -136,8 +175,18 @@ class _Pools:
             p = PackedTensor("dense", p.shape, {"delta": dequantize(p).to(self.dtype)})
         if p.kind == "qlinear":
             pool = self.q[_layout_key(p)]
+            self.live.add(slot)
+            if "dw" in pool:  # repack on the device (the caller's stream), then into the slot
+                assert p.layout is not None
+                parts = {
+                    name: p.parts[name].to(self.device, non_blocking=True) for name in ("qweight", "meta")
+                }
+                dev = _slot_layout().to_device_layout(
+                    parts | {"scales": p.parts["scales"]}, p.layout, self.n, self.k
+                )
+                pool["dw"][slot].copy_(dev["dw"])
             for name, t in p.parts.items():
-                if name in QPARTS:
+                if name in QPARTS and name in pool:
                     pool[name][slot].copy_(t, non_blocking=True)
         elif p.kind == "lowrank":
             pool = self.lora
@@ -157,6 +206,19 @@ class _Pools:
     def add_linear(self, x: torch.Tensor, y: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
         """y += Δ(x) for every token, x [T, K], y [T, N]."""
         for (bits, sparse, group), pool in self.q.items():
+            if "dw" in pool:
+                y = _kernels().sbmm_device(
+                    x,
+                    pool["dw"],
+                    pool["scales"],
+                    pool["map"][slot_idx],
+                    bits=bits,
+                    group_size=group,
+                    k=self.k,
+                    out=y,
+                    active=len(self.live) or None,
+                )
+                continue
             y = _kernels().sbmm(
                 x,
                 pool["qweight"],
@@ -305,7 +367,9 @@ class DeltaLinear(DeltaModule):
         )
         self.delta_params = ("weight", "bias") if bias else ("weight",)
         self._pools: dict[str, _Pools | _VectorPool] = {
-            "weight": _Pools(out_features, in_features, num_slots, dtype, device, dequantize)
+            "weight": _Pools(
+                out_features, in_features, num_slots, dtype, device, dequantize, slot_layout=True
+            )
         }
         if bias:
             self._pools["bias"] = _VectorPool(out_features, num_slots, device)

@@ -36,7 +36,7 @@ TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3, torch.float32: 2e-5}
 
 def _check(layout, dtype, t, config, spread="zipf", s=16, n=304, k=1008):
     # sizes % 16 == 0 like the benchmark's, so both share compiled kernels; 304, 1008 still cut blocks
-    from deltahub.kernels.sbmm_triton import sbmm
+    from deltahub.kernels.sbmm import sbmm
 
     gen = torch.Generator().manual_seed(t * 31 + layout.bits)
     st = {name: v.cuda() for name, v in make_stack(s, n, k, layout, gen).items()}
@@ -67,7 +67,7 @@ def _check(layout, dtype, t, config, spread="zipf", s=16, n=304, k=1008):
 @pytest.mark.parametrize(("bits", "sparsity", "group_size"), LAYOUTS)
 def test_gpu_sbmm_configs(bits, sparsity, group_size):
     """Every launch config on 4-bit 2:4; the other layouts on the first mode-3 and mode-0 configs."""
-    from deltahub.kernels.sbmm_triton import DECODE_CONFIGS, PREFILL_CONFIGS
+    from deltahub.kernels.sbmm import DECODE_CONFIGS, PREFILL_CONFIGS
 
     layout = QuantLayout(bits, sparsity, group_size)
     if (bits, sparsity, group_size) == (4, "2:4", None):
@@ -83,7 +83,7 @@ def test_gpu_sbmm_configs(bits, sparsity, group_size):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_sbmm_autotuned_and_dispatch(dtype):
     import deltahub.kernels as K
-    from deltahub.kernels.sbmm_triton import DECODE_CONFIGS
+    from deltahub.kernels.sbmm import DECODE_CONFIGS
 
     layout = QuantLayout(4, "2:4")
     # bf16: autotuned over every config; fp32 (exact fp32 dot): one config, to bound compile time
@@ -120,3 +120,77 @@ def test_gpu_sgmv(rank, t):
     got = K.sgmv(x, a, b, slot, scale=scale).float()
     want = reference.sgmv(x.float(), a, b, slot, scale=scale)
     assert ((got - want).abs().max() / want.abs().max()).item() <= 2e-2
+
+
+def _check_device_layout(bits, dtype, t, config, group_size=None, k=1024, n=304, s=16, spread="zipf"):
+    from deltahub.kernels import layout as L
+    from deltahub.kernels.sbmm24 import sbmm_device
+
+    lay = QuantLayout(bits, "2:4", group_size)
+    gen = torch.Generator().manual_seed(t * 7 + bits + k)
+    st = {name: v.cuda() for name, v in make_stack(s, n, k, lay, gen).items()}
+    dev = L.to_device_layout(st, lay, n, k)
+    x = torch.randn(t, k, generator=gen).to(dtype).cuda()
+    slot = make_slots(spread, t, s, gen).cuda()
+    kw = dict(bits=bits, sparse=True, group_size=group_size, k=k, meta=st["meta"])
+    y = reference.sbmm(x.float(), st["qweight"], st["scales"], slot, **kw)
+    init = (torch.randn(t, n, generator=gen) * 0.1).to(dtype).cuda()
+    init[slot < 0] = float("nan")
+    out = init.clone()
+    sbmm_device(
+        x, dev["dw"], dev["scales"], slot, bits=bits, group_size=group_size, k=k, out=out, config=config
+    )
+    torch.cuda.synchronize()
+    base = slot < 0
+    assert bool(out[base].isnan().all())
+    want, got = init[~base].float() + y[~base], out[~base].float()
+    assert not got.isnan().any()
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err <= TOL[dtype], f"bits={bits} {dtype} T={t} {config} g={group_size} k={k}: max err {err:.2e}"
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_sbmm_device_asm_decode(bits, dtype):
+    """The PTX decode vs the reference: every launch config in bf16 (the benchmark's compiled
+    kernels), two in fp16; group scales; K not a multiple of the 256-input unit; autotuned."""
+    from deltahub.kernels.sbmm24 import DECODE_CONFIGS, PREFILL_CONFIGS, SPLIT_CONFIGS
+
+    decode = DECODE_CONFIGS + SPLIT_CONFIGS
+    if dtype == torch.float16:
+        decode = [DECODE_CONFIGS[0], DECODE_CONFIGS[-1]]
+    for i, cfg in enumerate(decode):
+        _check_device_layout(bits, dtype, 37, cfg, spread=("zipf", "unsorted")[i % 2])
+    for cfg in PREFILL_CONFIGS if dtype == torch.bfloat16 else []:
+        _check_device_layout(bits, dtype, 300, cfg, spread="uniform")
+    _check_device_layout(bits, dtype, 21, DECODE_CONFIGS[0], group_size=128, k=1100)
+    if dtype == torch.bfloat16:
+        _check_device_layout(bits, dtype, 5, None, k=4096, n=512, spread="hot_base")
+
+
+def test_gpu_delta_linear_slot_layout():
+    """A DeltaLinear on CUDA keeps a 2:4 4-bit delta in the slot layout and adds it like the reference."""
+    from deltahub.server.models.delta_linear import DeltaLinear
+
+    from deltahub.format import PackedTensor
+
+    lay = QuantLayout(4, "2:4")
+    gen = torch.Generator().manual_seed(9)
+    n, k, s = 96, 512, 3
+    st = make_stack(2, n, k, lay, gen)
+    lin = DeltaLinear(k, n, False, s, torch.bfloat16, torch.device("cuda"))
+    lin.weight.data.normal_(0, 0.02)
+    for i in range(2):
+        p = PackedTensor("qlinear", (n, k), {name: v[i] for name, v in st.items()}, layout=lay)
+        lin.prepare({"weight": p}, "w")
+        lin.write_slot(i + 1, {"weight": p})
+    pool = lin.pools()["weight"].q[(4, True, None)]
+    assert "dw" in pool and "qweight" not in pool
+    x = torch.randn(7, k, generator=gen).bfloat16().cuda()
+    slot_idx = torch.tensor([1, 2, 0, 3, 1, 2, 3], device="cuda")  # 0: empty slot, 3 (= S): base only
+    got = lin(x, slot_idx).float()
+    base = x.float() @ lin.weight.float().T
+    sl = torch.tensor([0, 1, -1, -1, 0, 1, -1], dtype=torch.int32)
+    kw = dict(bits=4, sparse=True, group_size=None, k=k, meta=st["meta"])
+    want = base + reference.sbmm(x.float().cpu(), st["qweight"], st["scales"], sl, **kw).cuda()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2

@@ -6,7 +6,7 @@ import pytest
 import torch
 from deltahub.kernels import plan, reference
 from deltahub.kernels.embedding_triton import embedding_delta
-from deltahub.kernels.sbmm_triton import Config, sbmm
+from deltahub.kernels.sbmm import Config, sbmm
 
 from deltahub.errors import CodecError, ShapeMismatchError
 from deltahub.format import QuantLayout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from deltahub.kernels import reference
-from deltahub.kernels.sgmv_triton import sgmv
+from deltahub.kernels.sgmv import sgmv
 
 from deltahub.errors import ShapeMismatchError
 

@@ -2,6 +2,10 @@
 
 Semantics: out[t, :] += x[t, :] @ dequant(Δ[slot[t]])ᵀ for every t with slot[t] >= 0.
 
+This kernel reads the stored layout of deltahub.format (every bit width, dense or 2:4, any group
+size, fp32 activations too). 2:4 deltas with 2- or 4-bit codes in GPU slots are repacked and run by
+``kernels/sbmm24.py``, several times faster.
+
 The batch is grouped by slot on the device (``_common.plan``); the launch grid is
 (output blocks, S + cdiv(T, BLOCK_M) work items), static in (S, T): each program turns its work-item
 id into (slot, token block) from the segment offsets and exits early when it has none. A program
@@ -24,7 +28,17 @@ import triton.language as tl
 from deltahub.errors import CodecError, ShapeMismatchError
 from deltahub.format import QuantLayout
 
-from ._common import Plan, Tuner, batch_class, check_device, check_plan, interpreting, next_pow2, plan
+from ._common import (
+    Plan,
+    Tuner,
+    batch_class,
+    check_device,
+    check_plan,
+    forward_calls,
+    interpreting,
+    next_pow2,
+    plan,
+)
 from .dequant_triton import _dequant_tile, _fields, _split_step, _values, _work_item
 
 
@@ -395,7 +409,8 @@ def sbmm(
     def launch(c: Config, o: torch.Tensor) -> None:
         if c.mode == 3:  # a dot needs >= 16 unit columns: widen the K step for wide units
             c = c._replace(block_k=max(c.block_k, 16 * (2 if sparse else 1) * _unit_values(bits, sparse)))
-        grid = (triton.cdiv(n, c.block_n), n_slots + triton.cdiv(t, c.block_m))
+        # work items <= (non-empty slots <= min(S, T)) + cdiv(T, BM)
+        grid = (triton.cdiv(n, c.block_n), min(n_slots, t) + triton.cdiv(t, c.block_m))
         _sbmm_kernel[grid](
             x,
             qweight,
@@ -452,3 +467,6 @@ def sbmm(
         config = TUNER.pick(key, cands, lambda c: launch(c, torch.empty_like(out)))
     launch(config, out)
     return out
+
+
+forward_calls(__name__, "sbmm")

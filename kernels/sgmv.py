@@ -16,7 +16,7 @@ import triton.language as tl
 
 from deltahub.errors import ShapeMismatchError
 
-from ._common import Plan, check_device, check_plan, interpreting, next_pow2, plan
+from ._common import Plan, check_device, check_plan, forward_calls, interpreting, next_pow2, plan
 from .dequant_triton import _work_item
 
 
@@ -227,3 +227,6 @@ def sgmv(
         num_warps=4,
     )
     return out
+
+
+forward_calls(__name__, "sgmv")
