@@ -19,6 +19,7 @@ carry the data there):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -196,6 +197,16 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
     )
     t0 = time.time()
     dcfg = compress(a["base"], ft, delta, cfg, progress=False)
+    if method == "lowrank" and "payload_bytes" in extra:
+        # equal bytes *after* the lossless stage: bf16 factors shrink under zstd, so rescale the
+        # budget until the stored size lands within 2 % below the target (ranks are integers)
+        for _ in range(3):
+            got = dcfg.stats["payload_bytes"]
+            if 0.98 * extra["payload_bytes"] <= got <= extra["payload_bytes"]:
+                break
+            opts["bits_per_weight"] *= 0.99 * extra["payload_bytes"] / got
+            cfg = dataclasses.replace(cfg, options=dict(opts))
+            dcfg = compress(a["base"], ft, delta, cfg, progress=False)
     distill = None
     if options.get("distill"):
         from deltahub.distill import distill_scales
@@ -639,7 +650,9 @@ def main() -> None:
             for d, s in list(waiting_lowrank):
                 if d in obs2:
                     waiting_lowrank.remove((d, s))
-                    submit(d, s, {"bits_per_weight": obs2[d]["bits_per_matrix_weight"]}, priority=0)
+                    target = {"bits_per_weight": obs2[d]["bits_per_matrix_weight"],
+                              "payload_bytes": obs2[d]["payload_bytes"]}
+                    submit(d, s, target, priority=0)
             if base_ppl is not None:
                 for d in fts:
                     fts[d]["ppl_domain_base"] = base_ppl[d]
