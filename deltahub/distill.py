@@ -46,14 +46,16 @@ def _rewrite(folder: Path, packed: dict[str, fmt.PackedTensor], groups: dict[str
 
 
 class _Scaled:
-    """One trainable tensor: unit values [N, K] on the device, base scales [N, G], column->group."""
+    """One trainable tensor: unit values [N, K] (bf16) on the device, base scales [N, G] (fp32),
+    the scale group of every column (None: one scale per row)."""
 
     def __init__(self, p: fmt.PackedTensor, per_matrix: bool, device: torch.device) -> None:
         assert p.layout is not None
         k = p.shape[1]
         unit = fmt.PackedTensor(p.kind, p.shape, {**p.parts, "scales": torch.ones_like(p.parts["scales"])},
                                 codec=p.codec, layout=p.layout)
-        self.unit = fmt.dequantize(unit).to(device)
+        # codes minus the zero point are half-integers of <= 8 significant bits: exact in bf16
+        self.unit = fmt.dequantize(unit).to(device, torch.bfloat16)
         self.scales = p.parts["scales"].to(device, torch.float32)
         gs = p.layout.group_size
         cols = torch.arange(k, device=device)
