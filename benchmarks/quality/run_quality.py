@@ -49,6 +49,7 @@ SETTINGS = [
     ("bitdelta + scale distillation", "bitdelta", 1, "none", {"distill": True}),
     ("obs 2-bit 2:4 + scale distillation", "obs", 2, "2:4", {"distill": True}),
     ("obs 4-bit 2:4 + scale distillation", "obs", 4, "2:4", {"distill": True}),
+    ("obs 1-bit 2:4 + scale distillation", "obs", 1, "2:4", {"distill": True}),  # vs bitdelta + distill
     ("dare p=0.5 (2:4) 4-bit", "dare", 4, "2:4", {"p": 0.5}),
     ("dare p=0.5 (2:4) 2-bit", "dare", 2, "2:4", {"p": 0.5}),
     ("lowrank @ obs 2-bit 2:4 bytes", "lowrank", 0, "none", {"budget_of": "obs 2-bit 2:4"}),
@@ -61,8 +62,12 @@ ABLATIONS = [
     ("obs 4-bit 2:4 no act-order", "obs", 4, "2:4", {"act_order": False}),
     ("obs 2-bit 2:4 damp 0.1", "obs", 2, "2:4", {"damp": 0.1}),
     ("obs 2-bit 2:4 calib 512", "obs", 2, "2:4", {"calib_samples": 512}),
+    # run 2 saw distillation overfit its 64 x 256 tokens: 4x the text, same steps
+    ("obs 4-bit 2:4 + scale distillation (256 samples)", "obs", 4, "2:4",
+     {"distill": True, "distill_samples": 256}),
+    ("dare p=0.5 (2:4) 4-bit + scale distillation", "dare", 4, "2:4", {"p": 0.5, "distill": True}),
 ]
-RUN_OPTIONS = ("distill", "budget_of", "calib_samples", "group_size")  # not codec options
+RUN_OPTIONS = ("distill", "distill_samples", "budget_of", "calib_samples", "group_size")  # not codec options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +222,7 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
             finetuned=ft,
             calibration_data=cfg.calibration_data,
             steps=a["distill_steps"],
+            samples=options.get("distill_samples", 64),
             device=a["device"],
         )
         from deltahub.store import DeltaReader
