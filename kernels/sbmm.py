@@ -147,65 +147,46 @@ def _sbmm_kernel(
                 part = tl.dot(w_tile.to(xt.dtype), xt)
             xs = tl.sum(xt.to(tl.float32), axis=0)
         elif MODE == 3:  # split by field: elementwise dequant straight into tensor-core operands
-            if PER_TILE:
-                part, xacc_t = _split_step(
-                    tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
-                    tl.zeros((BW3, BLOCK_M), dtype=tl.float32),
-                    x_ptr,
-                    tok,
-                    s_xt,
-                    s_xk,
-                    K,
-                    qw_rows,
-                    qh_rows,
-                    meta_rows,
-                    sc_rows,
-                    n_mask,
-                    k0,
-                    n_qw,
-                    n_qh,
-                    n_meta,
-                    n_groups,
-                    BITS,
-                    SPARSE,
-                    GROUP,
-                    ZP,
-                    BLOCK_K,
-                    SCALE_IN,
-                    BIASED,
-                    IEEE,
-                    EVEN,
-                )
-                xs = tl.sum(xacc_t, axis=0)
+            if PER_TILE:  # a fresh partial product per K step, scaled per tile below
+                a_in = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                x_in = tl.zeros((BW3, BLOCK_M), dtype=tl.float32)
             else:  # accumulate straight into acc; x sums reduced once after the loop
-                acc, xacc = _split_step(
-                    acc,
-                    xacc,
-                    x_ptr,
-                    tok,
-                    s_xt,
-                    s_xk,
-                    K,
-                    qw_rows,
-                    qh_rows,
-                    meta_rows,
-                    sc_rows,
-                    n_mask,
-                    k0,
-                    n_qw,
-                    n_qh,
-                    n_meta,
-                    n_groups,
-                    BITS,
-                    SPARSE,
-                    GROUP,
-                    ZP,
-                    BLOCK_K,
-                    SCALE_IN,
-                    BIASED,
-                    IEEE,
-                    EVEN,
-                )
+                a_in = acc
+                x_in = xacc
+            a_out, x_out = _split_step(
+                a_in,
+                x_in,
+                x_ptr,
+                tok,
+                s_xt,
+                s_xk,
+                K,
+                qw_rows,
+                qh_rows,
+                meta_rows,
+                sc_rows,
+                n_mask,
+                k0,
+                n_qw,
+                n_qh,
+                n_meta,
+                n_groups,
+                BITS,
+                SPARSE,
+                GROUP,
+                ZP,
+                BLOCK_K,
+                SCALE_IN,
+                BIASED,
+                IEEE,
+                EVEN,
+            )
+            if PER_TILE:
+                part = a_out
+                xs = tl.sum(x_out, axis=0)
+            else:
+                acc = a_out
+                xacc = x_out
         elif GATHER:  # FMA on the kept values only, x gathered at their positions; token by token
             v0 = k0 // 2
             v = _values(
