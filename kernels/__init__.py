@@ -46,33 +46,11 @@ def sbmm(
     if _use_triton(x):
         from .sbmm import sbmm as fn
 
-        return fn(
-            x,
-            qweight,
-            scales,
-            slot,
-            bits=bits,
-            sparse=sparse,
-            group_size=group_size,
-            k=k,
-            meta=meta,
-            qweight_hi=qweight_hi,
-            out=out,
-            plan_=plan_,
-        )
-    return reference.sbmm(
-        x,
-        qweight,
-        scales,
-        slot,
-        bits=bits,
-        sparse=sparse,
-        group_size=group_size,
-        k=k,
-        meta=meta,
-        qweight_hi=qweight_hi,
-        out=out,
-    )
+        extra = {"plan_": plan_}
+    else:
+        fn, extra = reference.sbmm, {}
+    return fn(x, qweight, scales, slot, bits=bits, sparse=sparse, group_size=group_size, k=k, meta=meta,
+              qweight_hi=qweight_hi, out=out, **extra)
 
 
 def sbmm_device(
@@ -86,10 +64,10 @@ def sbmm_device(
     if _use_triton(x):
         from .sbmm24 import sbmm_device as fn
 
-        return fn(
-            x, dw, scales, slot, bits=bits, group_size=group_size, k=k, out=out, plan_=plan_, active=active
-        )
-    return reference.sbmm_device(x, dw, scales, slot, bits=bits, group_size=group_size, k=k, out=out)
+        extra = {"plan_": plan_, "active": active}
+    else:
+        fn, extra = reference.sbmm_device, {}
+    return fn(x, dw, scales, slot, bits=bits, group_size=group_size, k=k, out=out, **extra)
 
 
 def sgmv(x, lora_a, lora_b, slot, *, scale=None, out=None, plan_: Plan | None = None):
@@ -101,8 +79,10 @@ def sgmv(x, lora_a, lora_b, slot, *, scale=None, out=None, plan_: Plan | None = 
     if _use_triton(x):
         from .sgmv import sgmv as fn
 
-        return fn(x, lora_a, lora_b, slot, scale=scale, out=out, plan_=plan_)
-    return reference.sgmv(x, lora_a, lora_b, slot, scale=scale, out=out)
+        extra = {"plan_": plan_}
+    else:
+        fn, extra = reference.sgmv, {}
+    return fn(x, lora_a, lora_b, slot, scale=scale, out=out, **extra)
 
 
 def embedding_delta(ids, qweight, scales, slot, *, bits, sparse, group_size, k, meta=None, qweight_hi=None):
@@ -114,18 +94,8 @@ def embedding_delta(ids, qweight, scales, slot, *, bits, sparse, group_size, k, 
         from .embedding_triton import embedding_delta as fn
     else:
         fn = reference.embedding_delta
-    return fn(
-        ids,
-        qweight,
-        scales,
-        slot,
-        bits=bits,
-        sparse=sparse,
-        group_size=group_size,
-        k=k,
-        meta=meta,
-        qweight_hi=qweight_hi,
-    )
+    return fn(ids, qweight, scales, slot, bits=bits, sparse=sparse, group_size=group_size, k=k, meta=meta,
+              qweight_hi=qweight_hi)
 
 
 # kernels/sbmm.py and kernels/sgmv.py carry these ops' names: importing one rebinds the package

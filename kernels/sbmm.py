@@ -116,7 +116,7 @@ def _sbmm_kernel(
     offs_kb = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb
-        if MODE == 0:  # dense-expanded tile on the tensor cores, all BLOCK_M tokens at once
+        if MODE != 3 and not GATHER:  # the dense-expanded tile of modes 0, 1 (and 2 on dense layouts)
             w_tile = _dequant_tile(
                 qw_rows,
                 qh_rows,
@@ -136,6 +136,7 @@ def _sbmm_kernel(
                 SCALE_IN,
                 BIASED,
             )
+        if MODE == 0:  # dense-expanded tile on the tensor cores, all BLOCK_M tokens at once
             xt = tl.load(
                 x_ptr + tok[None, :] * s_xt + offs_k[:, None] * s_xk,
                 mask=m_mask[None, :] & (offs_k < K)[:, None],
@@ -217,25 +218,6 @@ def _sbmm_kernel(
                     xg = tl.load(x_ptr + tm * s_xt + kk * s_xk, mask=kmask, other=0.0).to(tl.float32)
                     part += tl.where(cols[None, :] == m, tl.sum(v * xg, axis=1)[:, None], 0.0)
         else:  # dense-expanded tile, FMA token by token (skips the empty token slots of the tile)
-            w_tile = _dequant_tile(
-                qw_rows,
-                qh_rows,
-                meta_rows,
-                sc_rows,
-                n_mask,
-                k0,
-                n_qw,
-                n_qh,
-                n_meta,
-                n_groups,
-                BITS,
-                SPARSE,
-                GROUP,
-                ZP,
-                BLOCK_K,
-                SCALE_IN,
-                BIASED,
-            )
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             xs = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for m in tl.static_range(BLOCK_M):
