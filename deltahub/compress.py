@@ -65,6 +65,8 @@ class CompressConfig:
     batch_tokens: int | None = None  # calibration tokens per forward batch (None: 1024 CPU, 8192 GPU)
     options: dict[str, Any] = field(default_factory=dict)  # codec-specific (e.g. damp)
     distill_steps: int = 0  # > 0: tune the scales against the fine-tune's logits (deltahub.distill)
+    vocab_bits: int | None = None  # bits of the embedding and lm_head deltas (None: ``bits``)
+    vocab_sparsity: str | None = None  # their sparsity (None: ``sparsity``)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -308,10 +310,9 @@ def compress(base: str | Path, finetuned: str | Path, output: str | Path,
     run = _Compressor(cb, cf, plan, writer, device)
     # hashing the weight files (sha256 releases the GIL) overlaps with the compression
     prints = _in_background(lambda: (fingerprint(b.path), fingerprint(f.path)))
-    s = codec.settings
-    emb_codec = RtnCodec(CodecSettings(s.bits, s.sparsity, s.group_size)) if calibrate else codec
-    groups: dict[str, dict[str, Any]] = {"linear": codec.describe(), "lm_head": codec.describe(),
-                                         "embedding": (codec if plan.tied else emb_codec).describe(),
+    head_codec, emb_codec = _vocab_codecs(codec, cfg)
+    groups: dict[str, dict[str, Any]] = {"linear": codec.describe(), "lm_head": head_codec.describe(),
+                                         "embedding": (head_codec if plan.tied else emb_codec).describe(),
                                          "other": {"codec": "dense", "dtype": "float32"}}
     calib_info = None
     if calibrate:
@@ -322,13 +323,13 @@ def compress(base: str | Path, finetuned: str | Path, output: str | Path,
                                           cfg.seq_len, cfg.calibration_data)
         calib_info = {"data": cfg.calibration_data or calibration.BUILTIN, "samples": cfg.calibration_samples,
                       "seq_len": cfg.seq_len}
-        _calibrated(run, skel, codec, emb_codec, ids, cfg, tqdm, progress)
+        _calibrated(run, skel, codec, head_codec, emb_codec, ids, cfg, tqdm, progress)
     else:
         for name in tqdm(plan.names, desc="compress", unit="tensor", disable=not progress):
             if plan.group[name] == "other":
                 run.dense(name)
             else:
-                run.matrix(name, codec)
+                run.matrix(name, codec if plan.group[name] == "linear" else head_codec)
     for name in plan.names:  # anything the skeleton did not cover (persistent buffers, ...)
         if name not in run.done:
             run.dense(name)
@@ -355,8 +356,8 @@ def compress(base: str | Path, finetuned: str | Path, output: str | Path,
 
 
 @torch.no_grad()
-def _calibrated(run: _Compressor, skel, codec: Codec, emb_codec: Codec, ids: torch.Tensor,
-                cfg: CompressConfig, tqdm, progress: bool) -> None:
+def _calibrated(run: _Compressor, skel, codec: Codec, head_codec: Codec, emb_codec: Codec,
+                ids: torch.Tensor, cfg: CompressConfig, tqdm, progress: bool) -> None:
     """The layer-by-layer pass (see the module docstring)."""
     plan = run.plan
     batch = max(1, (cfg.batch_tokens or (8192 if run.device.type == "cuda" else 1024)) // cfg.seq_len)
@@ -398,9 +399,24 @@ def _calibrated(run: _Compressor, skel, codec: Codec, emb_codec: Codec, ids: tor
         bar.update()
     head = plan.lm_head or (plan.embedding if plan.tied else None)
     if head is not None:
-        run.matrix(head, codec, skel.lm_head_hessian(hidden))
+        run.matrix(head, head_codec, skel.lm_head_hessian(hidden))
     bar.update()
     bar.close()
+
+
+def _vocab_codecs(codec: Codec, cfg: CompressConfig) -> tuple[Codec, Codec]:
+    """(lm_head codec, embedding codec): ``codec`` at ``vocab_bits`` / ``vocab_sparsity`` when
+    set; the embedding has no input statistics, so a calibrating codec is replaced by ``rtn``
+    there (a tied embedding is compressed as the lm_head)."""
+    s = codec.settings
+    bits = s.bits if cfg.vocab_bits is None else cfg.vocab_bits
+    sparsity = s.sparsity if cfg.vocab_sparsity is None else cfg.vocab_sparsity
+    head = codec
+    if (bits, sparsity) != (s.bits, s.sparsity):
+        head = type(codec)(CodecSettings(bits, sparsity, s.group_size, dict(s.options)))
+    if not codec.needs_calibration:
+        return head, head
+    return head, RtnCodec(CodecSettings(bits, sparsity, s.group_size))
 
 
 def _shared_input_groups(names: list[str], plan: _Plan, hessians: dict[str, torch.Tensor], codec: Codec,

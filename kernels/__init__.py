@@ -103,9 +103,10 @@ def embedding_delta(ids, qweight, scales, slot, *, bits, sparse, group_size, k, 
 _OPS = {"sbmm": sbmm, "sgmv": sgmv}
 
 
-def obs_block(w, u, scale, *, bits, sparse, codes=None, keep=None, err=None):
+def obs_block(w, u, scale, *, bits, sparse, codes=None, keep=None, err=None, fixed_mask=False):
     """Semantics: one lazy block of the OBS column loop: for j in order, 2:4 mask every 4 columns
-    (top-2 of w² / U_jj²), codes[:, j] = quantize(w[:, j], scale), err[:, j] = (w - q) / U_jj,
+    (top-2 of w² / U_jj²; ``fixed_mask``: the mask given in ``keep``), codes[:, j] =
+    quantize(w[:, j], scale), err[:, j] = (w - q) / U_jj,
     w[:, j:] -= err[:, j] ⊗ U[j, j:] (details: kernels/obs_block_triton.py).
 
     Shape: w [n, B] fp32 (not modified); u [B, B] fp32; scale [n] fp32; outputs (given or
@@ -116,4 +117,4 @@ def obs_block(w, u, scale, *, bits, sparse, codes=None, keep=None, err=None):
         from .obs_block_triton import obs_block as fn
     else:
         fn = reference.obs_block
-    return fn(w, u, scale, bits=bits, sparse=sparse, codes=codes, keep=keep, err=err)
+    return fn(w, u, scale, bits=bits, sparse=sparse, codes=codes, keep=keep, err=err, fixed_mask=fixed_mask)

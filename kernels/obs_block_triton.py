@@ -2,6 +2,7 @@
 
 Semantics: for j = 0 .. B-1 in order, every row independently (w is a working copy):
     if sparse and j % 4 == 0: keep[:, j:j+4] = 2 largest of w[:, j:j+4]² / diag(u)[j:j+4]²
+                              (with fixed_mask=True: keep is an input, read as given)
     codes[:, j] = quantize_codes(w[:, j], scale, bits)        (deltahub.format, mid-rise grid)
     err[:, j] = e = (w[:, j] - dequant(codes[:, j]) * keep[:, j]) / u[j, j]
     w[:, j:] -= e ⊗ u[j, j:]
@@ -57,8 +58,8 @@ def _step(w, cols, j, kept, scale, safe, u_ptr, su0, su1, width, c_ptrs, sc1, k_
 @triton.jit
 def _obs_block_kernel(w_ptr, u_ptr, s_ptr, c_ptr, k_ptr, e_ptr, n_rows, width,
                       sw0, sw1, su0, su1, ss0, sc0, sc1, sk0, sk1, se0, se1,
-                      ZP: tl.constexpr, QMAX: tl.constexpr, SPARSE: tl.constexpr, BR: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      ZP: tl.constexpr, QMAX: tl.constexpr, SPARSE: tl.constexpr, FIXED: tl.constexpr,
+                      BR: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rmask = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -76,7 +77,12 @@ def _obs_block_kernel(w_ptr, u_ptr, s_ptr, c_ptr, k_ptr, e_ptr, n_rows, width,
         k1 = rmask
         k2 = rmask
         k3 = rmask
-        if SPARSE:  # OBS saliency w² / U_jj² of the group's 4 columns; keep the 2 largest
+        if SPARSE and FIXED:  # the caller's mask
+            k0 = tl.load(k_ptrs + j * sk1, mask=rmask, other=0) != 0
+            k1 = tl.load(k_ptrs + (j + 1) * sk1, mask=rmask, other=0) != 0
+            k2 = tl.load(k_ptrs + (j + 2) * sk1, mask=rmask, other=0) != 0
+            k3 = tl.load(k_ptrs + (j + 3) * sk1, mask=rmask, other=0) != 0
+        elif SPARSE:  # OBS saliency w² / U_jj² of the group's 4 columns; keep the 2 largest
             d0 = tl.load(u_ptr + j * su0 + j * su1)
             d1 = tl.load(u_ptr + (j + 1) * su0 + (j + 1) * su1)
             d2 = tl.load(u_ptr + (j + 2) * su0 + (j + 2) * su1)
@@ -138,13 +144,16 @@ def _rows_per_program(n: int, device: torch.device) -> int:
 
 def obs_block(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, *, bits: int, sparse: bool,
               codes: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-              err: torch.Tensor | None = None):
+              err: torch.Tensor | None = None, fixed_mask: bool = False):
     """Run one block (see the module docstring) -> (codes, keep or None, err); outputs are
-    allocated (row-major) when not given. ``w`` is not modified."""
+    allocated (row-major) when not given. ``w`` is not modified; with ``fixed_mask`` (sparse
+    only) ``keep`` holds the 2:4 mask to use, given by the caller (stored back unchanged)."""
     n, b = w.shape if w.dim() == 2 else (0, 0)
     dev = w.device
     if codes is None:
         codes = torch.empty(n, b, dtype=torch.uint8, device=dev)
+    if fixed_mask and (not sparse or keep is None):
+        raise ShapeMismatchError("fixed_mask needs sparse=True and the mask in keep")
     if sparse and keep is None:
         keep = torch.empty(n, b, dtype=torch.bool, device=dev)
     if err is None:
@@ -159,7 +168,8 @@ def obs_block(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, *, bits: in
         w, u, scale, codes, k8, err, n, b,
         w.stride(0), w.stride(1), u.stride(0), u.stride(1), scale.stride(0),
         codes.stride(0), codes.stride(1), k8.stride(0), k8.stride(1), err.stride(0), err.stride(1),
-        ZP=(2**bits - 1) / 2, QMAX=float(2**bits - 1), SPARSE=sparse, BR=br, BLOCK=max(4, next_pow2(b)),
+        ZP=(2**bits - 1) / 2, QMAX=float(2**bits - 1), SPARSE=sparse, FIXED=fixed_mask, BR=br,
+        BLOCK=max(4, next_pow2(b)),
         num_warps=4,
     )
     return codes, (keep if sparse else None), err

@@ -198,20 +198,22 @@ def _two_of_four(saliency: torch.Tensor) -> torch.Tensor:
 
 def obs_block(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, *, bits: int, sparse: bool,
               codes: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-              err: torch.Tensor | None = None):
+              err: torch.Tensor | None = None, fixed_mask: bool = False):
     """One lazy block of the OBS column loop (Semantics/Shape: kernels/obs_block_triton.py).
     w [n, B] float32 (not modified), u [B, B], scale [n] -> (codes uint8, keep bool or None, err)."""
     from deltahub.codecs.base import fake_quant
 
     n, b = w.shape
     codes = torch.empty(n, b, dtype=torch.uint8, device=w.device) if codes is None else codes
+    if fixed_mask and (not sparse or keep is None):
+        raise ShapeMismatchError("fixed_mask needs sparse=True and the mask in keep")
     if sparse and keep is None:
         keep = torch.empty(n, b, dtype=torch.bool, device=w.device)
     err = torch.empty(n, b, dtype=torch.float32, device=w.device) if err is None else err
     w1 = w.clone()
     d1 = torch.diagonal(u)
     for i in range(b):
-        if sparse and i % 4 == 0:
+        if sparse and not fixed_mask and i % 4 == 0:
             keep[:, i : i + 4] = _two_of_four(w1[:, i : i + 4].square() / d1[i : i + 4].square())
         x = w1[:, i]
         c, q = fake_quant(x, scale, bits)

@@ -37,6 +37,38 @@ def test_compress_obs_prints_summary(toy_models, tmp_path, capsys):
     assert info["payload_bytes"] == info["packed_bytes"]  # no lossless stage
 
 
+def test_vocab_matrices_get_their_own_settings(toy_models, tmp_path, capsys):
+    """--vocab-bits/--vocab-sparsity: embedding and lm_head at 8-bit dense, the linears at the
+    main settings; the delta reconstructs and records both groups' settings."""
+    code, _, _ = _run(capsys, "compress", "--base", toy_models["base"], "--finetuned", toy_models["upper"],
+                      "--output", tmp_path / "d", "--bits", "2", "--vocab-bits", "8",
+                      "--vocab-sparsity", "none", "--calibration-samples", "4", "--seq-len", "64")
+    assert code == 0
+    cfg = json.loads((tmp_path / "d" / "delta_config.json").read_text())
+    tensors = cfg["tensors"]
+    layouts = {n: (t["layout"]["bits"], t["layout"]["sparsity"]) for n, t in tensors.items()
+               if t.get("layout")}
+    emb, head = "model.embed_tokens.weight", "lm_head.weight"
+    assert layouts.pop(emb) == (8, "none") and layouts.pop(head) == (8, "none")
+    assert set(layouts.values()) == {(2, "2:4")}
+    assert tensors[head]["codec"] == "obs" and tensors[emb]["codec"] == "rtn"
+    g = cfg["compression"]["groups"]
+    assert (g["embedding"]["bits"], g["lm_head"]["sparsity"], g["linear"]["bits"]) == (8, "none", 2)
+    code, _, _ = _run(capsys, "reconstruct", tmp_path / "d", "--base", toy_models["base"],
+                      "--output", tmp_path / "m")
+    assert code == 0
+
+
+def test_codec_options_reach_the_codec(toy_models, tmp_path, capsys):
+    code, _, _ = _run(capsys, "compress", "--base", toy_models["base"], "--finetuned", toy_models["upper"],
+                      "--output", tmp_path / "d", "--codec-option", "mask=random", "--codec-option",
+                      "act_order=false", "--codec-option", "damp=0.05", "--calibration-samples", "4",
+                      "--seq-len", "64")
+    assert code == 0
+    linear = json.loads((tmp_path / "d" / "delta_config.json").read_text())["compression"]["groups"]["linear"]
+    assert (linear["mask"], linear["act_order"], linear["damp"]) == ("random", False, 0.05)
+
+
 def test_inspect_table_and_json(cli_delta, capsys):
     code, out, _ = _run(capsys, "inspect", cli_delta)
     assert code == 0
@@ -62,6 +94,11 @@ def test_reconstruct_cli(cli_delta, toy_models, tmp_path, capsys):
     (["--sparsity", "1:2"], "sparsity must be one of"),
     (["--group-size", "48"], "group size"),
     (["--lossless", "lz4"], "lossless stage"),
+    (["--vocab-sparsity", "1:2"], "sparsity must be one of"),
+    (["--codec-option", "mask"], "KEY=VALUE"),
+    (["--codec-option", "colour=red"], "has no option(s) ['colour']"),
+    (["--codec-option", "mask=magnitude"], "mask must be"),
+    (["--codec-option", "damp=0.1", "--codec-option", "damp=0.2"], "given twice"),
     (["--device", "tpu"], "device"),
     (["--calibration-samples", "0"], "positive"),
     (["--calibration-data", "/nonexistent/calib.txt"], "calibration data"),

@@ -173,3 +173,62 @@ def test_act_order_permutes_whole_groups_and_stores_in_input_order():
     assert torch.allclose(out_p, out[:, perm], atol=1e-5)
     plain = get_codec("obs")(CodecSettings(4, "2:4", None, {"act_order": False}))
     assert not torch.allclose(plain.decompress(plain.compress(delta, h)), out)
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_obs_rescale_matches_the_signal_projection(group_size):
+    """``rescale``: same codes and positions, scales x β per row so that Δ̂ H Δᵀ = Δ H Δᵀ
+    (β within [0.5, 2]); 2:4 pruning shrinks the plain result, so β > 1 for most rows."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1024, 128, generator=g) @ (torch.eye(128) + 0.3 * torch.randn(128, 128, generator=g))
+    h = 2 * x.T @ x / 1024
+    delta = torch.randn(40, 128, generator=g) * 1e-2
+    plain = get_codec("obs")(CodecSettings(4, "2:4", group_size))
+    scaled = get_codec("obs")(CodecSettings(4, "2:4", group_size, {"rescale": True}))
+    p, s = plain.compress(delta, h), scaled.compress(delta, h)
+    for part in ("qweight", "meta"):
+        assert torch.equal(p.parts[part], s.parts[part])
+    beta = s.parts["scales"] / p.parts["scales"]
+    assert torch.allclose(beta, beta[:, :1].expand_as(beta), rtol=1e-5)  # one factor per row
+    assert (beta[:, 0] > 1).float().mean() > 0.9 and (beta <= 2).all()
+    q = scaled.decompress(s)
+    num, den = ((delta @ h) * delta).sum(1), ((delta @ h) * q).sum(1)
+    inside = (beta[:, 0] > 0.5) & (beta[:, 0] < 2)
+    assert torch.allclose(den[inside], num[inside], rtol=1e-4)
+
+
+def test_obs_random_mask_is_dare_with_error_feedback():
+    """mask='random': a uniform 2:4 mask from the codec's seed, kept entries doubled; at 8 bits
+    with an identity Hessian (no error to feed back) it is the doubled, masked delta itself; with
+    a correlated Hessian the error feedback lowers the layer error against round-to-nearest on
+    the same mask."""
+    g = torch.Generator().manual_seed(9)
+    delta = torch.randn(32, 128, generator=g) * 1e-2
+    ident = torch.eye(128)
+    eight = get_codec("obs")(CodecSettings(8, "2:4", None, {"mask": "random", "act_order": False}))
+    out = eight.decompress(eight.compress(delta, ident))
+    kept = out != 0
+    assert torch.equal(kept.view(32, -1, 4).sum(-1), torch.full((32, 32), 2))
+    assert torch.allclose(out[kept], 2 * delta[kept], atol=2 * delta.abs().max() / 127)
+    again = get_codec("obs")(CodecSettings(8, "2:4", None, {"mask": "random", "act_order": False}))
+    assert torch.equal(again.decompress(again.compress(delta, ident)) != 0, kept)  # seeded
+    other = get_codec("obs")(CodecSettings(8, "2:4", None, {"mask": "random", "seed": 1}))
+    assert not torch.equal(other.decompress(other.compress(delta, ident)) != 0, kept)
+
+    x = torch.randn(2048, 128, generator=g) @ (torch.eye(128) + 0.4 * torch.randn(128, 128, generator=g))
+    h = 2 * x.T @ x / 2048
+    two = get_codec("obs")(CodecSettings(2, "2:4", None, {"mask": "random", "act_order": False}))
+    q = two.decompress(two.compress(delta, h))
+    mask = q != 0
+    target = 2 * delta * mask  # what the mask keeps, doubled: the part quantization should preserve
+    rtn = get_codec("rtn")(CodecSettings(2, "none", None)).decompress(
+        get_codec("rtn")(CodecSettings(2, "none", None)).compress(target)) * mask
+
+    def err(a):
+        return float(((a - target) @ h * (a - target)).sum())
+
+    assert err(q) < 0.7 * err(rtn)
+    for bad, match in (({"mask": "magnitude"}, "mask must be"), ({"mask": "random", "_s": "none"}, "2:4")):
+        sparsity = bad.pop("_s", "2:4")
+        with pytest.raises(CodecError, match=match):
+            get_codec("obs")(CodecSettings(4, sparsity, None, bad))

@@ -66,8 +66,32 @@ ABLATIONS = [
     ("obs 4-bit 2:4 + scale distillation (256 samples)", "obs", 4, "2:4",
      {"distill": True, "distill_samples": 256}),
     ("dare p=0.5 (2:4) 4-bit + scale distillation", "dare", 4, "2:4", {"p": 0.5, "distill": True}),
+    # session 3: the 2:4 mask's loss dominates (3-bit ~ 4-bit); is it obs's shrinkage, the
+    # embedding's 2:4, or distillation's small training set?
+    ("obs 4-bit 2:4 rescale", "obs", 4, "2:4", {"rescale": True}),
+    ("obs 2-bit 2:4 rescale", "obs", 2, "2:4", {"rescale": True}),
+    ("obs 4-bit 2:4 vocab 4-bit dense", "obs", 4, "2:4", {"vocab_sparsity": "none"}),
+    ("obs 4-bit 2:4 vocab 4-bit dense + scale distillation (256 samples)", "obs", 4, "2:4",
+     {"vocab_sparsity": "none", "distill": True, "distill_samples": 256}),
+    ("obs 4-bit 2:4 rescale + scale distillation (256 samples)", "obs", 4, "2:4",
+     {"rescale": True, "distill": True, "distill_samples": 256}),
+    ("obs 4-bit 2:4 + scale distillation (256 samples 300 steps)", "obs", 4, "2:4",
+     {"distill": True, "distill_samples": 256, "distill_steps": 300}),
+    ("obs 2-bit 2:4 + scale distillation (256 samples)", "obs", 2, "2:4",
+     {"distill": True, "distill_samples": 256}),
+    # DARE's random mask + obs's quantization with error feedback (mask fixed)
+    ("obs 4-bit 2:4 random mask", "obs", 4, "2:4", {"mask": "random"}),
+    ("obs 4-bit 2:4 random mask + scale distillation", "obs", 4, "2:4", {"mask": "random", "distill": True}),
+    ("obs 2-bit 2:4 random mask", "obs", 2, "2:4", {"mask": "random"}),
+    ("obs 2-bit 2:4 random mask + scale distillation", "obs", 2, "2:4", {"mask": "random", "distill": True}),
+    ("dare p=0.5 (2:4) 2-bit + scale distillation", "dare", 2, "2:4", {"p": 0.5, "distill": True}),
+    # bitdelta's bytes (1 bit per weight, dense) with obs's per-row scales and error feedback
+    ("obs 1-bit dense", "obs", 1, "none", {}),
+    ("obs 1-bit dense + scale distillation", "obs", 1, "none", {"distill": True}),
 ]
-RUN_OPTIONS = ("distill", "distill_samples", "budget_of", "calib_samples", "group_size")  # not codec options
+# run options, not codec options
+RUN_OPTIONS = ("distill", "distill_samples", "distill_steps", "budget_of", "calib_samples", "group_size",
+               "vocab_bits", "vocab_sparsity")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +223,8 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
         calibration_data=str(Path(a["calib"]) / f"{domain}.txt"),
         device=a["device"],
         options=opts,
+        vocab_bits=options.get("vocab_bits"),
+        vocab_sparsity=options.get("vocab_sparsity"),
     )
     t0 = time.time()
     dcfg = compress(a["base"], ft, delta, cfg, progress=False)
@@ -221,7 +247,7 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
             base=a["base"],
             finetuned=ft,
             calibration_data=cfg.calibration_data,
-            steps=a["distill_steps"],
+            steps=options.get("distill_steps", a["distill_steps"]),
             samples=options.get("distill_samples", 64),
             device=a["device"],
         )
@@ -260,7 +286,7 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
         "method": method,
         "bits": bits if method != "lowrank" else None,
         "sparsity": sparsity if method != "lowrank" else None,
-        "options": {**opts, **{k: options[k] for k in ("group_size", "calib_samples") if k in options}},
+        "options": {**opts, **{k: options[k] for k in RUN_OPTIONS if k in options and k != "budget_of"}},
         "payload_bytes": st["payload_bytes"],
         "ratio": round(st["finetuned_bf16_bytes"] / st["payload_bytes"], 3),
         "ppl_domain": ppl_d,

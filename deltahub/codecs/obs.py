@@ -18,8 +18,19 @@ For a delta Δ [N, K] of a linear layer and its calibration Hessian H = 2 X Xᵀ
    errors land on columns that matter less (the 2:4 groups themselves are unchanged). Held-out
    layer-output error on SmolLM2-135M inputs (benchmarks/layer_study.py): -0.2 to -3.8 % at
    4 bits, +0.3 to -11 % at 2 bits.
+5. ``mask="random"`` (default ``"obs"``): the 2:4 mask is drawn at random (two of every four,
+   uniformly, as ``dare``) instead of by saliency, the kept entries are doubled (unbiased in
+   expectation), and steps 2-3 then only quantize, with the mask fixed: the error feedback spreads
+   quantization errors, not pruned weights. Options ``seed`` (0): one generator per codec, drawn in
+   the order tensors are compressed.
+6. ``rescale`` (default off): each row's scales are multiplied by β = Δ H Δᵀ / Δ̂ H Δᵀ (clamped
+   to [0.5, 2]), so the row's output Δ̂x has the right projection on the fine-tune's Δx over the
+   calibration inputs. The least-squares result of steps 1-3 is shrunk (2:4 pruning drops part of
+   Δx, and what is dropped is correlated with what is kept); β removes that shrinkage at the cost
+   of a larger, but unbiased, layer error.
 
-Without a Hessian (embeddings) every column is independent and this reduces to ``rtn``.
+Without a Hessian (embeddings) every column is independent and this reduces to ``rtn`` (whose
+2:4 mask keeps the two largest magnitudes, whatever ``mask`` says).
 """
 
 from __future__ import annotations
@@ -109,13 +120,49 @@ def inverse_cholesky(hessian: torch.Tensor, kp: int, damp: float, perm: torch.Te
                      "check the calibration data (NaN/inf activations?)")
 
 
+def signal_rescale(delta: torch.Tensor, codes: torch.Tensor, keep: torch.Tensor | None, scales: torch.Tensor,
+                   hessian: torch.Tensor, layout: fmt.QuantLayout) -> torch.Tensor:
+    """Scales [N, G] x β [N, 1], β = Δ H Δᵀ / Δ̂ H Δᵀ per row clamped to [0.5, 2] (1 where either
+    is not positive). Shapes: delta [N, K]; codes, keep [N, Kp] (stored input order); H [K, K]."""
+    k = delta.shape[1]
+    unit = codes[:, :k].to(torch.float32) - (2**layout.bits - 1) / 2
+    if keep is not None:
+        unit.mul_(keep[:, :k])
+    gidx = group_index(layout, k, k, delta.device)
+    q = unit.mul_(scales[:, gidx])
+    delta = delta.to(torch.float32)
+    hd = delta @ hessian.to(delta.device, torch.float32)  # [N, K]
+    num, den = (hd * delta).sum(1), (hd * q).sum(1)
+    ok = (num > 0) & (den > 0)
+    beta = torch.where(ok, num / torch.where(ok, den, 1.0), 1.0).clamp_(0.5, 2.0)
+    return scales * beta[:, None]
+
+
 class ObsCodec(QuantCodec):
     """SparseGPT/GPTQ with error feedback. Options: ``damp`` (0.01), ``block_size`` (128),
-    ``act_order`` (True: groups of 4 inputs in decreasing H_ii order; per-row scales only)."""
+    ``act_order`` (True: groups of 4 inputs in decreasing H_ii order; per-row scales only),
+    ``mask`` ("obs" or "random", 2:4 only) and ``seed`` (0), ``rescale`` (False): steps 5-6 of
+    the module docstring."""
 
     name = "obs"
     needs_calibration = True
-    default_options = {"damp": 0.01, "block_size": 128, "act_order": True}
+    default_options = {"damp": 0.01, "block_size": 128, "act_order": True, "mask": "obs", "seed": 0,
+                       "rescale": False}
+
+    def __init__(self, settings: CodecSettings | None = None) -> None:
+        super().__init__(settings)
+        if self.options["mask"] not in ("obs", "random"):
+            raise CodecError(f"obs: mask must be 'obs' or 'random', got {self.options['mask']!r}")
+        if self.options["mask"] == "random" and not self.layout.sparse:
+            raise CodecError("obs: mask='random' needs sparsity 2:4")
+        self._gen: dict[str, torch.Generator] = {}
+
+    def _random_mask(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """A uniform 2:4 mask [n, Kp] bool from this codec's generator for ``device``."""
+        key = str(device)
+        if key not in self._gen:
+            self._gen[key] = torch.Generator(device=device).manual_seed(int(self.options["seed"]))
+        return keep_two_of_four(torch.rand(shape, generator=self._gen[key], device=device))
 
     @torch.no_grad()
     def compress(self, delta: torch.Tensor, hessian: torch.Tensor | None = None) -> fmt.PackedTensor:
@@ -133,24 +180,33 @@ class ObsCodec(QuantCodec):
         u, dead = inverse_cholesky(hessian, kp, float(self.options["damp"]), perm)
         chunks = []
         results = []
-        for rows in row_chunks(n, kp, delta.device):
+        slices = row_chunks(n, kp, delta.device)
+        for rows in slices:
             w = pad_columns(delta[rows], kp)
             if perm is not None:
                 w = w.index_select(1, perm)
             w[:, dead] = 0
-            results.append(self._quantize_rows(w, u, k))
+            mask = None
+            if self.options["mask"] == "random":
+                mask = self._random_mask(tuple(w.shape), w.device)
+                w.mul_(mask).mul_(2.0)
+            results.append(self._quantize_rows(w, u, k, mask))
             del w
         del u  # free the Kp x Kp factor before packing
         if perm is not None:  # back to the stored (input) order
             inv = torch.argsort(perm)
             results = [(c.index_select(1, inv), None if m is None else m.index_select(1, inv), sc)
                        for c, m, sc in results]
+        if self.options["rescale"]:
+            results = [(c, m, signal_rescale(delta[rows], c, m, sc, hessian, self.layout))
+                       for (c, m, sc), rows in zip(results, slices, strict=True)]
         for codes, keep, scales in results:
             chunks.append(pack_dense_codes(codes, keep, scales, self.layout, (codes.shape[0], k), self.name))
         return concat_packed(chunks, (n, k))
 
-    def _quantize_rows(self, w: torch.Tensor, u: torch.Tensor, k: int):
-        """w [n, Kp] (modified in place), U [Kp, Kp] -> codes [n, Kp], keep mask or None, scales.
+    def _quantize_rows(self, w: torch.Tensor, u: torch.Tensor, k: int, mask: torch.Tensor | None = None):
+        """w [n, Kp] (modified in place), U [Kp, Kp], a fixed 2:4 mask [n, Kp] or None (chosen by
+        saliency) -> codes [n, Kp], keep mask or None, scales.
 
         Each lazy block runs through ``deltahub.kernels.obs_block`` (Triton on CUDA, the torch
         reference on the CPU); the block's errors then update the columns right of it in one
@@ -167,15 +223,20 @@ class ObsCodec(QuantCodec):
         # column-major outputs: the kernel stores one column of all rows at a time
         codes = torch.empty(kp, n, dtype=torch.uint8, device=w.device).t()
         keep = torch.empty(kp, n, dtype=torch.bool, device=w.device).t() if lay.sparse else None
+        if mask is not None:
+            keep.copy_(mask)
 
-        def scale_of(values: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-            prov = keep_two_of_four(values.square() / d.square()) if lay.sparse else None
+        def scale_of(values: torch.Tensor, d: torch.Tensor, cols: slice) -> torch.Tensor:
+            if mask is not None:
+                prov = mask[:, cols]
+            else:
+                prov = keep_two_of_four(values.square() / d.square()) if lay.sparse else None
             one = torch.zeros(values.shape[1], dtype=torch.int64, device=w.device)
             return search_scales(values, prov, bits, one, 1)[:, 0]
 
         scales = torch.zeros(n, n_groups, device=w.device)
         if gs is None:
-            scales[:, 0] = scale_of(w, diag)
+            scales[:, 0] = scale_of(w, diag, slice(None))
         block = int(self.options["block_size"])
         block = max(4, block - block % 4)
         if gs is not None:
@@ -186,10 +247,11 @@ class ObsCodec(QuantCodec):
             if gs is not None and i1 % gs == 0 and i1 // gs < n_groups:
                 g = i1 // gs
                 end = kp if g == n_groups - 1 else i1 + gs
-                scales[:, g] = scale_of(w[:, i1:end], diag[i1:end])
+                scales[:, g] = scale_of(w[:, i1:end], diag[i1:end], slice(i1, end))
             err = err_t[: i2 - i1].t()
             obs_block(w[:, i1:i2], u[i1:i2, i1:i2], scales[:, gidx[i1]], bits=bits, sparse=lay.sparse,
-                      codes=codes[:, i1:i2], keep=None if keep is None else keep[:, i1:i2], err=err)
+                      codes=codes[:, i1:i2], keep=None if keep is None else keep[:, i1:i2], err=err,
+                      fixed_mask=mask is not None)
             if i2 < kp:
                 w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1)
         return codes.contiguous(), None if keep is None else keep.contiguous(), scales

@@ -57,6 +57,26 @@ def test_block_matches_reference(n, b, bits, sparse):
     assert int(codes.max()) <= 2**bits - 1
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_fixed_mask_is_used_as_given(bits):
+    """fixed_mask=True: the caller's 2:4 mask (here the opposite of what saliency picks) decides
+    which entries are zero; codes and errors match the reference, the mask comes back unchanged."""
+    n, b = 21, 64
+    w, u, scale = _problem(n, b, bits, seed=bits)
+    _, chosen, _ = reference.obs_block(w.cpu(), u.cpu(), scale.cpu(), bits=bits, sparse=True)
+    mask = (~chosen).to(DEV)
+    keep = mask.clone()
+    codes, keep, err = obs_block(w, u, scale, bits=bits, sparse=True, keep=keep, fixed_mask=True)
+    k0 = mask.cpu().clone()
+    c0, _, e0 = reference.obs_block(w.cpu(), u.cpu(), scale.cpu(), bits=bits, sparse=True, keep=k0,
+                                    fixed_mask=True)
+    assert torch.equal(keep.cpu(), mask.cpu()) and torch.equal(k0, mask.cpu())
+    assert (codes.cpu() != c0).float().mean() <= 0.01
+    torch.testing.assert_close(err.cpu(), e0, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ShapeMismatchError, match="fixed_mask"):
+        obs_block(w, u, scale, bits=bits, sparse=False, fixed_mask=True)
+
+
 def test_column_major_outputs_and_a_block_narrower_than_its_tile():
     """obs.py passes transposed (column-major) output views; a width of 68 runs in a 128 tile."""
     n, b, bits = 21, 68, 4

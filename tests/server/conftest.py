@@ -34,6 +34,20 @@ def toy_delta_8bit(toy_models, artifacts_root) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def toy_delta_vocab8(toy_models, artifacts_root) -> Path:
+    """The 'double' fine-tune with its linears at 4-bit 2:4 and its embedding and lm_head at
+    8-bit dense (``vocab_bits``/``vocab_sparsity``): two layouts inside one delta."""
+    from deltahub.compress import CompressConfig, compress
+
+    cfg = CompressConfig(method="rtn", bits=4, sparsity="2:4", vocab_bits=8, vocab_sparsity="none")
+    return cached(
+        artifacts_root,
+        "delta-double-vocab8",
+        lambda p: compress(toy_models["base"], toy_models["double"], p, cfg, progress=False),
+    )
+
+
 def _make_lora(base: Path, out: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -23,12 +23,12 @@ MAX_NEW = 20
 
 
 @pytest.fixture(scope="module")
-def variants(toy_deltas, toy_lora):
+def variants(toy_deltas, toy_delta_vocab8, toy_lora):
     return {
         "upper": toy_deltas["upper"],
         "reverse": toy_deltas["reverse"],
         "pirate": toy_deltas["pirate"],
-        "double": toy_deltas["double"],
+        "double": toy_delta_vocab8,  # embedding + lm_head 8-bit dense, linears 4-bit 2:4
         "lora": toy_lora,
     }
 
