@@ -53,6 +53,10 @@ SETTINGS = [
     ("dare p=0.5 (2:4) 4-bit", "dare", 4, "2:4", {"p": 0.5}),
     ("dare p=0.5 (2:4) 2-bit", "dare", 2, "2:4", {"p": 0.5}),
     ("lowrank @ obs 2-bit 2:4 bytes", "lowrank", 0, "none", {"budget_of": "obs 2-bit 2:4"}),
+    # third session's ablation winners (docs/benchmarks/quality_mask.json, quality_ablations.json)
+    ("obs 4-bit 2:4 random mask", "obs", 4, "2:4", {"mask": "random"}),
+    ("obs 4-bit 2:4 random mask + scale distillation", "obs", 4, "2:4", {"mask": "random", "distill": True}),
+    ("obs 2-bit 2:4 rescale", "obs", 2, "2:4", {"rescale": True}),
 ]
 # Ablations of obs, run only when named in --settings: damping, calibration size, group scales.
 ABLATIONS = [
@@ -69,7 +73,6 @@ ABLATIONS = [
     # session 3: the 2:4 mask's loss dominates (3-bit ~ 4-bit); is it obs's shrinkage, the
     # embedding's 2:4, or distillation's small training set?
     ("obs 4-bit 2:4 rescale", "obs", 4, "2:4", {"rescale": True}),
-    ("obs 2-bit 2:4 rescale", "obs", 2, "2:4", {"rescale": True}),
     ("obs 4-bit 2:4 vocab 4-bit dense", "obs", 4, "2:4", {"vocab_sparsity": "none"}),
     ("obs 4-bit 2:4 vocab 4-bit dense + scale distillation (256 samples)", "obs", 4, "2:4",
      {"vocab_sparsity": "none", "distill": True, "distill_samples": 256}),
@@ -80,8 +83,6 @@ ABLATIONS = [
     ("obs 2-bit 2:4 + scale distillation (256 samples)", "obs", 2, "2:4",
      {"distill": True, "distill_samples": 256}),
     # DARE's random mask + obs's quantization with error feedback (mask fixed)
-    ("obs 4-bit 2:4 random mask", "obs", 4, "2:4", {"mask": "random"}),
-    ("obs 4-bit 2:4 random mask + scale distillation", "obs", 4, "2:4", {"mask": "random", "distill": True}),
     ("obs 2-bit 2:4 random mask", "obs", 2, "2:4", {"mask": "random"}),
     ("obs 2-bit 2:4 random mask + scale distillation", "obs", 2, "2:4", {"mask": "random", "distill": True}),
     ("dare p=0.5 (2:4) 2-bit + scale distillation", "dare", 2, "2:4", {"p": 0.5, "distill": True}),
