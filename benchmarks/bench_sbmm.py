@@ -2,6 +2,7 @@
 """SBMM / SGMV benchmark on a CUDA GPU -> sbmm.json + sbmm.png (docs/benchmarks/).
 
 Usage: python benchmarks/bench_sbmm.py [--out DIR] [--quick] [--layouts 4:2:4,2:2:4] [--plot-from JSON]
+       python benchmarks/bench_sbmm.py --one BITS,K,N,B,ND[,CONFIG]   (one case, for ncu)
 
 Builds random packed deltas of Llama-2-7B projection shapes on the device (valid 2:4 positions, random
 codes, per-row scales; 2:4 2/4-bit ones repacked into the GPU slot layout, kernels/layout.py, and run
@@ -220,8 +221,8 @@ def bench_layout(layout, k, n, rows, args, gen, dense_pool):
     args.checks[f"{layout.bits}:{layout.sparsity}:{k}x{n}"] = errs
     print(f"check bits={layout.bits} {layout.sparsity} [{k},{n}]: max rel err per config {errs}", flush=True)
     cases = [(b, nd) for b in BATCHES for nd in NDELTAS if nd <= b]
-    if args.quick:
-        cases = [(1, 1), (32, 32), (64, 16), (256, 4)]
+    if args.quick:  # the issue's target domain (B <= 64, N >= 8) and one case of each other regime
+        cases = [(1, 1), (8, 4), (32, 16), (32, 32), (64, 16), (64, 32), (64, 64), (256, 4), (1024, 1)]
     cases += [] if args.quick else PREFILL
     for b, nd in cases:
         try:
@@ -465,16 +466,39 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def one_case(spec: str) -> int:
+    """Run one 2:4 case (bits, K, N_out, B tokens, N deltas[, config fields]) 5 times, no graph: a
+    short program for a profiler (ncu --launch-skip 2 --launch-count 1)."""
+    vals = [int(v) for v in spec.split(",")]
+    bits, k, n, b, nd = vals[:5]
+    lay = QuantLayout(bits, "2:4")
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    run = kernel_for(random_stack(POOL, n, k, lay, gen), lay, k, n)[0]
+    cfg = sbmm24.Config(*vals[5:]) if len(vals) > 5 else sbmm24.DECODE_CONFIGS[0]
+    x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
+    out = torch.zeros(b, n, device=DEV, dtype=torch.bfloat16)
+    slot = zipf_slots(b, nd).to(DEV)
+    p = plan(slot, POOL)
+    for _ in range(5):
+        run(x, slot, out, plan_=p, config=cfg)
+    torch.cuda.synchronize()
+    print(f"one case {spec}: {cfg}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "docs/benchmarks"))
-    ap.add_argument("--quick", action="store_true", help="a few cases per shape (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="the target-domain cases and a few others per shape")
     ap.add_argument("--layouts", default="4:2:4,2:2:4", help="bits:sparsity list, e.g. 4:2:4,3:2:4,4:none")
     ap.add_argument("--no-sgmv", action="store_true")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN list")
     ap.add_argument("--merge", metavar="JSON", help="keep this file's rows for shapes not run now")
     ap.add_argument("--plot-from", metavar="JSON", help="only redraw sbmm.png from a results file (no GPU)")
+    ap.add_argument("--one", metavar="BITS,K,N,B,ND[,CONFIG]", help="launch one case a few times (for ncu)")
     args = ap.parse_args(argv)
+    if args.one:
+        return one_case(args.one)
     if args.plot_from:
         plot(json.loads(Path(args.plot_from).read_text())["rows"], Path(args.out) / "sbmm.png")
         return 0

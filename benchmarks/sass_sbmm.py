@@ -2,8 +2,8 @@
 
 Usage: python benchmarks/sass_sbmm.py "4,1,3,16,128,1024,8,2" "4,1,0,16,64,128,4,4" ...
        (bits, sparse 0/1, mode, block_m, block_n, block_k, num_warps, num_stages: kernels/sbmm.py)
-       python benchmarks/sass_sbmm.py "slot:4,16,128,4,2" ...
-       (bits, block_m, block_n, num_warps, num_stages[, xperm 0/1, maxnreg]: kernels/sbmm24.py)
+       python benchmarks/sass_sbmm.py "slot:4,16,4,2" ...
+       (bits, block_m, num_warps, depth[, fp16 0/1]: kernels/sbmm24.py)
 
 Compiles ``_sbmm_kernel`` with triton's own ptxas for an H100/H200 target, disassembles it with the
 nvdisasm that ships with triton, finds the longest backward branch (the K loop) and prints its
@@ -71,21 +71,34 @@ def compile_config(bits, sparse, mode, bm, bn, bk, warps, stages):
     )
 
 
-def compile_slot_config(bits, bm, bn, warps, stages, xperm=False, maxnreg=None):
-    """kernels/sbmm24.py with the PTX decode, bf16 x, per-row scales, K a multiple of 256."""
-    const = dict(BITS=bits, GROUP=0, S_P2=64, BLOCK_M=bm, BLOCK_N=bn, ASM=True, F16=False, IEEE=False)
-    const.update(EVEN=True, SPLIT=1, XPERM=xperm, s_on=1)
-    ptrs = {"x_ptr": "*bf16", "dw_ptr": "*i16", "sc_ptr": "*fp32", "out_ptr": "*bf16"}
+def compile_slot_config(bits, bm, warps, depth=2, f16=False):
+    """kernels/sbmm24.py (mma.sp on the slot layout), per-row scales."""
+    const = dict(
+        BITS=bits, GROUP=0, S_P2=64, BLOCK_M=bm, WARPS=warps, F16=bool(f16), SPLIT=1, DEPTH=depth, s_on=1
+    )
+    xt = "*fp16" if f16 else "*bf16"
+    ptrs = {"x_ptr": "*i32", "dw_ptr": "*i32", "sc_ptr": "*fp32", "out_ptr": xt}
     ptrs.update(order_ptr="*i32", seg_ptr="*i32")
     names = list(inspect.signature(_sbmm24_kernel.fn).parameters)
     sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in names}
     # what a real call's specialisation knows: 16-aligned pointers, strides and sizes
-    div = [*ptrs, "s_xt", "s_ds", "s_dn", "s_ss", "s_ot", "N", "K"]
+    div = [*ptrs, "s_xt", "s_ds", "s_ss", "s_ot", "N"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div}
     consts = {(names.index(k),): v for k, v in const.items()}
     src = ASTSource(_sbmm24_kernel, sig, constexprs=consts, attrs=attrs)
-    opts = dict(num_warps=warps, num_stages=stages) | ({"maxnreg": maxnreg} if maxnreg else {})
+    opts = dict(num_warps=warps, num_stages=1)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def resources(cubin: bytes) -> str:
+    """Registers, stack and spill bytes of the kernel (cuobjdump -res-usage)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return f"regs {m.group(1)}, stack {m.group(2)}" if m else "regs ?"
 
 
 def loop_instructions(cubin: bytes) -> list[str]:
@@ -111,17 +124,17 @@ def loop_instructions(cubin: bytes) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    for spec in argv or ["slot:4,16,128,4,2", "slot:2,16,128,4,2", "4,1,0,16,64,128,4,4"]:
+    for spec in argv or ["slot:4,16,4,2", "slot:2,16,4,2", "4,1,0,16,64,128,4,4"]:
         if spec.startswith("slot:"):
-            bits, bm, bn, warps, stages, xperm, maxnreg = ([int(v) for v in spec[5:].split(",")] + [0, 0])[:7]
-            k = compile_slot_config(bits, bm, bn, warps, stages, bool(xperm), maxnreg or None)
+            bits, bm, warps, depth, f16 = ([int(v) for v in spec[5:].split(",")] + [0])[:5]
+            k = compile_slot_config(bits, bm, warps, depth, f16)
             body = loop_instructions(k.asm["cubin"])
-            stored = bn * 128  # one K step = one unit: 64 groups, 2 stored values each, per row
+            stored = warps * 64 * 32  # one K step = 64 inputs, 32 stored values per row, 64 rows per warp
             top = collections.Counter(body).most_common(8)
             print(
                 f"{spec}: {len(body)} instr/loop, {len(body) * warps * 32 / stored:.2f} per stored value, "
-                f"smem {k.metadata.shared} B, {k.asm['ttgir'].count('ttg.convert_layout')} layout "
-                f"conversions; {top}"
+                f"smem {k.metadata.shared} B, {resources(k.asm['cubin'])}, "
+                f"{k.asm['ttgir'].count('ttg.convert_layout')} layout conversions; {top}"
             )
             continue
         bits, sparse, mode, bm, bn, bk, warps, stages = (int(v) for v in spec.split(","))

@@ -2,16 +2,15 @@
 
 Semantics: out[t, :] += x[t, :] @ dequant(Δ[slot[t]])ᵀ for every t with 0 <= slot[t] < S.
 
-Phase decomposition instead of placing the 2:4 pairs into a dense tile: with D_j[n, g] the dense
-weight at input 4g + j, ``y = sum_j D_j @ x[:, j::4]ᵀ``. A unit (64 groups) is three (4-bit) or two
-(2-bit) [BN, 16] int16 tiles; every D tile of sub-phase s and phase j is an elementwise function of
-them with compile-time shifts, so Triton keeps it in registers in the tensor-core operand layout and
-each unit is 16 ``tl.dot`` of K = 16. On CUDA the decode is one PTX block per pair of groups
-(``tl.inline_asm_elementwise``, pack=2: two 16-bit lanes per 32-bit register, packed bf16/fp16 ops):
-a code becomes ``2 (c - z)`` exactly by a shift, one LOP3 into the mantissa of 129 and one packed
-FMA (the factor 1/2 goes into the row scale); the keep-mask bits become 0xFFFF lane masks by PRMT's
-sign-replicate mode, and LOP3s select. Under TRITON_INTERPRET=1 (no asm) the same values are
-computed with plain Triton ops (``ASM=False``), which the CPU tests check.
+On CUDA the 2:4 structure goes to the sparse tensor cores: every warp runs ``mma.sp ... m16n8k32``
+(inline PTX) on 4 tiles of 16 output rows, with the kept values as the compressed A operand, the
+stored positions as its metadata and 8 tokens of x as B. The layout stores each thread's registers
+in the order it holds them, so the kernel's tensors are [threads, 4] (one row per thread: Triton's
+blocked layout with 4 elements per thread, which ``pack=4`` hands to the asm whole) and the decode
+is 3 instructions per 2 kept values: a shift, a LOP3 into the mantissa of 129 and one packed FMA,
+giving ``2 (c - z)`` exactly (the 1/2 goes into the row scale). No placement of the pairs, no masks.
+Under TRITON_INTERPRET=1 (no asm) a plain-Triton kernel decodes the same layout into dense tiles
+(``_sbmm24_interp_kernel``), which the CPU tests check.
 """
 
 from __future__ import annotations
@@ -29,140 +28,193 @@ from ._common import Plan, Tuner, batch_class, check_device, check_plan, interpr
 from .dequant_triton import _work_item
 
 
-def _decode_asm(bits: int, f16: bool, s: int) -> str:
-    """PTX for sub-phase s of one pair of groups: inputs $4 (the code word), $5 (the mask word),
-    outputs $0..$3 (D of phase j), each a pair of packed 16-bit floats (one per 16-bit lane)."""
+def _decode_asm(bits: int, f16: bool, kk: int) -> str:
+    """PTX: the code words of 4 tiles ($16..$19) -> their A fragments for sub-step kk ($4r + i),
+    each register two packed 16-bit floats 2 (c - z) (c0 low, c1 high)."""
     magic, one = ("0x64016401", "0x3C003C00") if f16 else ("0x43014301", "0x3F803F80")
     # 129 + 2c - (129 + 2z) = 2 (c - z); 144 / 132 and 1040 / 1028 are exact in bf16 / fp16
-    neg = {(4, False): "0xC310C310", (2, False): "0xC304C304", (4, True): "0xE410E410"}
-    neg[(2, True)] = "0xE404E404"
+    neg = {
+        (4, False): "0xC310C310",
+        (2, False): "0xC304C304",
+        (4, True): "0xE410E410",
+        (2, True): "0xE404E404",
+    }
     fma = "fma.rn.f16x2" if f16 else "fma.rn.bf16x2"
-    out = ["{", ".reg .b32 %t, %one, %neg, %v<2>, %q<2>, %m<4>;", f"mov.b32 %one, {one};"]
-    out.append(f"mov.b32 %neg, {neg[(bits, f16)]};")
-    field = 0x001E001E if bits == 4 else 0x00060006
-    for v in range(2):  # the code moves to lane bits 1-4 (1-2), under the exponent of 128
-        o = 8 * (s % 2) + 4 * v if bits == 4 else 4 * s + 2 * v
-        # shifts as multiplies (IMAD, FMA pipe): the ALU pipe carries the LOP3s and PRMTs
-        out.append("mul.lo.u32 %t, $4, 2;" if o == 0 else f"mul.hi.u32 %t, $4, {1 << (33 - o)};")
-        out.append(f"lop3.b32 %t, %t, {field:#010x}, {magic}, 0xEA;")  # (t & field) | magic
-        out.append(f"{fma} %v{v}, %t, %one, %neg;")
-    for h in range(2):  # P << (2s + h): mask bits of j = 2h, 2h + 1 at bit 7 / 15 of each lane
-        k = 2 * s + h
-        out.append(f"mov.b32 %q{h}, $5;" if k == 0 else f"mul.lo.u32 %q{h}, $5, {1 << k};")
-    for j in range(4):
-        assert L.mask_bit(s, j) + 2 * s + j // 2 == (7 if j % 2 == 0 else 15)
-        sel = "0xBB99" if j % 2 else "0xAA88"  # bytes 0,1 <- msb of byte 0 (1); bytes 2,3 <- of 2 (3)
-        out.append(f"prmt.b32 %m{j}, %q{j // 2}, %q{j // 2}, {sel};")
-    out.append("and.b32 $0, %v0, %m0;")
-    out.append("lop3.b32 %t, %v0, %v1, %m0, 0xD8;")  # m0 ? v1 : v0
-    out.append("and.b32 $1, %t, %m1;")
-    out.append("lop3.b32 %t, %v1, %v0, %m3, 0xD8;")  # m3 ? v0 : v1
-    out.append("and.b32 $2, %t, %m2;")
-    out.append("and.b32 $3, %v1, %m3;")
+    field = "0x001E001E" if bits == 4 else "0x00060006"
+    out = [
+        "{",
+        ".reg .b32 %t<16>, %one, %neg;",
+        f"mov.b32 %one, {one};",
+        f"mov.b32 %neg, {neg[(bits, f16)]};",
+    ]
+    for r in range(4):
+        for i in range(4):
+            o = 4 * i if bits == 4 else 2 * (4 * kk + i)  # bit of c0 (c1 at o + 16) -> bits 1.. of each lane
+            t = f"%t{4 * r + i}"
+            # shifts as multiplies (IMAD, FMA pipe), so the ALU pipe only carries the LOP3s
+            out.append(
+                f"mul.lo.u32 {t}, ${16 + r}, 2;" if o == 0 else f"mul.hi.u32 {t}, ${16 + r}, {1 << (33 - o)};"
+            )
+            out.append(f"lop3.b32 {t}, {t}, {field}, {magic}, 0xEA;")  # (t & field) | magic
+            out.append(f"{fma} ${4 * r + i}, {t}, %one, %neg;")
     out.append("}")
     return "\n".join(out)
 
 
-CONSTRAINTS: tl.constexpr = tl.constexpr("=r,=r,=r,=r,r,r")
-ASM4_BF16_0: tl.constexpr = tl.constexpr(_decode_asm(4, False, 0))
-ASM4_BF16_1: tl.constexpr = tl.constexpr(_decode_asm(4, False, 1))
-ASM4_BF16_2: tl.constexpr = tl.constexpr(_decode_asm(4, False, 2))
-ASM4_BF16_3: tl.constexpr = tl.constexpr(_decode_asm(4, False, 3))
-ASM4_F16_0: tl.constexpr = tl.constexpr(_decode_asm(4, True, 0))
-ASM4_F16_1: tl.constexpr = tl.constexpr(_decode_asm(4, True, 1))
-ASM4_F16_2: tl.constexpr = tl.constexpr(_decode_asm(4, True, 2))
-ASM4_F16_3: tl.constexpr = tl.constexpr(_decode_asm(4, True, 3))
-ASM2_BF16_0: tl.constexpr = tl.constexpr(_decode_asm(2, False, 0))
-ASM2_BF16_1: tl.constexpr = tl.constexpr(_decode_asm(2, False, 1))
-ASM2_BF16_2: tl.constexpr = tl.constexpr(_decode_asm(2, False, 2))
-ASM2_BF16_3: tl.constexpr = tl.constexpr(_decode_asm(2, False, 3))
-ASM2_F16_0: tl.constexpr = tl.constexpr(_decode_asm(2, True, 0))
-ASM2_F16_1: tl.constexpr = tl.constexpr(_decode_asm(2, True, 1))
-ASM2_F16_2: tl.constexpr = tl.constexpr(_decode_asm(2, True, 2))
-ASM2_F16_3: tl.constexpr = tl.constexpr(_decode_asm(2, True, 3))
+def _mma_asm(f16: bool, kk: int) -> str:
+    """PTX: 4 tiles (r) of D = A_r B + C_r; outputs $4r..$4r+3, inputs C_r $16 + 4r.., A_r $32 + 4r..,
+    B $48..$51, metadata words $52..$55 (word 2 kk + r // 2, sparsity selector r % 2)."""
+    ty = "f16" if f16 else "bf16"
+    out = []
+    for r in range(4):
+        d = ",".join(f"${4 * r + i}" for i in range(4))
+        c = ",".join(f"${16 + 4 * r + i}" for i in range(4))
+        a = ",".join(f"${32 + 4 * r + i}" for i in range(4))
+        out.append(
+            f"mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{ty}.{ty}.f32 "
+            f"{{{d}}}, {{{a}}}, {{$48,$49,$50,$51}}, {{{c}}}, ${52 + 2 * kk + r // 2}, {r % 2};"
+        )
+    return "\n".join(out)
+
+
+DEC_CONSTRAINTS: tl.constexpr = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 4))
+MMA_CONSTRAINTS: tl.constexpr = tl.constexpr(",".join(["=f"] * 16 + ["f"] * 16 + ["r"] * 24))
+DEC4_BF16: tl.constexpr = tl.constexpr(_decode_asm(4, False, 0))
+DEC4_F16: tl.constexpr = tl.constexpr(_decode_asm(4, True, 0))
+DEC2_BF16_0: tl.constexpr = tl.constexpr(_decode_asm(2, False, 0))
+DEC2_BF16_1: tl.constexpr = tl.constexpr(_decode_asm(2, False, 1))
+DEC2_F16_0: tl.constexpr = tl.constexpr(_decode_asm(2, True, 0))
+DEC2_F16_1: tl.constexpr = tl.constexpr(_decode_asm(2, True, 1))
+MMA_BF16_0: tl.constexpr = tl.constexpr(_mma_asm(False, 0))
+MMA_BF16_1: tl.constexpr = tl.constexpr(_mma_asm(False, 1))
+MMA_F16_0: tl.constexpr = tl.constexpr(_mma_asm(True, 0))
+MMA_F16_1: tl.constexpr = tl.constexpr(_mma_asm(True, 1))
 
 
 @triton.jit
-def _decode(cw, pw, s: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
-    """PTX decode of sub-phase s: (D_0, D_1, D_2, D_3), each [BN, 16] fp16 (F16) or bf16."""
-    if BITS == 4 and not F16 and s == 0:
-        asm: tl.constexpr = ASM4_BF16_0
-    elif BITS == 4 and not F16 and s == 1:
-        asm: tl.constexpr = ASM4_BF16_1
-    elif BITS == 4 and not F16 and s == 2:
-        asm: tl.constexpr = ASM4_BF16_2
-    elif BITS == 4 and not F16 and s == 3:
-        asm: tl.constexpr = ASM4_BF16_3
-    elif BITS == 4 and F16 and s == 0:
-        asm: tl.constexpr = ASM4_F16_0
-    elif BITS == 4 and F16 and s == 1:
-        asm: tl.constexpr = ASM4_F16_1
-    elif BITS == 4 and F16 and s == 2:
-        asm: tl.constexpr = ASM4_F16_2
-    elif BITS == 4 and F16 and s == 3:
-        asm: tl.constexpr = ASM4_F16_3
-    elif BITS == 2 and not F16 and s == 0:
-        asm: tl.constexpr = ASM2_BF16_0
-    elif BITS == 2 and not F16 and s == 1:
-        asm: tl.constexpr = ASM2_BF16_1
-    elif BITS == 2 and not F16 and s == 2:
-        asm: tl.constexpr = ASM2_BF16_2
-    elif BITS == 2 and not F16 and s == 3:
-        asm: tl.constexpr = ASM2_BF16_3
-    elif BITS == 2 and F16 and s == 0:
-        asm: tl.constexpr = ASM2_F16_0
-    elif BITS == 2 and F16 and s == 1:
-        asm: tl.constexpr = ASM2_F16_1
-    elif BITS == 2 and F16 and s == 2:
-        asm: tl.constexpr = ASM2_F16_2
-    elif BITS == 2 and F16 and s == 3:
-        asm: tl.constexpr = ASM2_F16_3
-    if F16:
-        d = tl.inline_asm_elementwise(
-            asm, CONSTRAINTS, [cw, pw], dtype=(tl.float16,) * 4, is_pure=True, pack=2
-        )
+def _decode4(cw, KK: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
+    """Code words [T, 4] (tile r in column r) -> A fragments of the 4 tiles, each [T, 4] int32."""
+    if BITS == 4 and F16:
+        asm: tl.constexpr = DEC4_F16
+    elif BITS == 4:
+        asm: tl.constexpr = DEC4_BF16
+    elif F16 and KK == 0:
+        asm: tl.constexpr = DEC2_F16_0
+    elif F16:
+        asm: tl.constexpr = DEC2_F16_1
+    elif KK == 0:
+        asm: tl.constexpr = DEC2_BF16_0
     else:
-        d = tl.inline_asm_elementwise(
-            asm, CONSTRAINTS, [cw, pw], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2
-        )
-    return d
+        asm: tl.constexpr = DEC2_BF16_1
+    return tl.inline_asm_elementwise(asm, DEC_CONSTRAINTS, [cw], dtype=(tl.int32,) * 4, is_pure=True, pack=4)
 
 
 @triton.jit
-def _phase(cw, pw, s: tl.constexpr, j: tl.constexpr, BITS: tl.constexpr):
-    """Plain-Triton decode of D (sub-phase s, phase j) as float32 [BN, 16]: 2 (c - z) or 0."""
+def _mma4(c0, c1, c2, c3, a0, a1, a2, a3, b, m, KK: tl.constexpr, F16: tl.constexpr):
+    """C_r += A_r B for the 4 tiles (sparse tensor cores); every operand [T, 4] (a thread's registers)."""
+    if F16 and KK == 0:
+        asm: tl.constexpr = MMA_F16_0
+    elif F16:
+        asm: tl.constexpr = MMA_F16_1
+    elif KK == 0:
+        asm: tl.constexpr = MMA_BF16_0
+    else:
+        asm: tl.constexpr = MMA_BF16_1
+    return tl.inline_asm_elementwise(
+        asm,
+        MMA_CONSTRAINTS,
+        [c0, c1, c2, c3, a0, a1, a2, a3, b, m],
+        dtype=(tl.float32,) * 4,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def _load_step(wb, xb0, xm0, xb1, xm1, u, BITS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Everything step u reads: code words of sub-steps 0 / 1 (2-bit: one word), metadata words, B
+    fragments of token blocks 0 / 1 for sub-steps 0 / 1; each [T, 4] int32."""
+    P: tl.constexpr = 3 if BITS == 4 else 2
+    wp = wb + u * (P * 128)
+    cw_a = tl.load(wp)
     if BITS == 4:
-        o: tl.constexpr = 8 * (s % 2)
-        fw: tl.constexpr = 4
+        cw_b = tl.load(wp + 128)
     else:
-        o: tl.constexpr = 4 * s
-        fw: tl.constexpr = 2
-    v0 = (2 * ((cw >> o) & ((1 << fw) - 1)) - ((1 << fw) - 1)).to(tl.float32)
-    v1 = (2 * ((cw >> (o + fw)) & ((1 << fw) - 1)) - ((1 << fw) - 1)).to(tl.float32)
-    # bit of "position q kept" in sub-phase s: layout.mask_bit(s, q)
-    m0 = ((pw >> (7 - 2 * s)) & 1) != 0
-    m1 = ((pw >> (15 - 2 * s)) & 1) != 0
-    m2 = ((pw >> (6 - 2 * s)) & 1) != 0
-    m3 = ((pw >> (14 - 2 * s)) & 1) != 0
-    if j == 0:
-        d = tl.where(m0, v0, 0.0)
-    elif j == 3:
-        d = tl.where(m3, v1, 0.0)
-    elif j == 1:
-        d = tl.where(m1, tl.where(m0, v1, v0), 0.0)
+        cw_b = cw_a
+    mw = tl.load(wp + (P - 1) * 128)
+    x0 = tl.load(xb0 + u * 32, mask=xm0, other=0)
+    x1 = tl.load(xb0 + u * 32 + 16, mask=xm0, other=0)
+    if BLOCK_M == 16:
+        y0 = tl.load(xb1 + u * 32, mask=xm1, other=0)
+        y1 = tl.load(xb1 + u * 32 + 16, mask=xm1, other=0)
     else:
-        d = tl.where(m2, tl.where(m3, v0, v1), 0.0)
-    return d
+        y0 = x0
+        y1 = x1
+    return cw_a, cw_b, mw, x0, x1, y0, y1
 
 
 @triton.jit
-def _x_tile(xb, kk, K, EVEN: tl.constexpr):
-    """x^T rows kk [16] for the tile's tokens -> [16, BM] (base pointers xb [1, BM], unit K stride
-    folded into the address when the compiler specialises it)."""
-    if EVEN:
-        return tl.load(xb + kk[:, None])
+def _segment(seg_ptr, S, S_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's work item (axis 1): slot, first and end position of its tokens in the plan's
+    order, and the number of work items in use."""
+    offs_s = tl.arange(0, S_P2)
+    smask = offs_s < S
+    lo = tl.load(seg_ptr + offs_s, mask=smask, other=0)
+    hi = tl.load(seg_ptr + offs_s + 1, mask=smask, other=0)
+    nb = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    cum = tl.cumsum(nb, axis=0)
+    w = tl.program_id(1)
+    s = tl.sum((cum <= w).to(tl.int32), axis=0)
+    sel = offs_s == s
+    seg_hi = tl.sum(tl.where(sel, hi, 0), axis=0)
+    start = tl.sum(tl.where(sel, lo + (w - cum + nb) * BLOCK_M, 0), axis=0)
+    return s, start, seg_hi, tl.sum(nb, axis=0)
+
+
+@triton.jit
+def _store_tile(
+    acc,
+    r: tl.constexpr,
+    jn: tl.constexpr,
+    blk,
+    g,
+    p,
+    i4,
+    start,
+    seg_hi,
+    N,
+    s64,
+    order_ptr,
+    sc_ptr,
+    s_ss,
+    s_sn,
+    out_ptr,
+    s_ot,
+    s_on,
+    GROUP: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """out[tok, row] += acc / 2 (x the row scale) for tile r, token block jn; acc [T, 4] as mma.sp
+    leaves it: element i = row 16 r + g + 8 (i // 2), token 8 jn + 2 p + i % 2."""
+    row = (blk * 64 + 16 * r + g)[:, None] + 8 * (i4 // 2)[None, :]
+    m = start + (8 * jn + 2 * p)[:, None] + (i4 % 2)[None, :]
+    ok = (row < N) & (m < seg_hi)
+    tok = tl.load(order_ptr + m, mask=ok, other=0)
+    if GROUP == 0:
+        acc = acc * tl.load(sc_ptr + s64 * s_ss + row * s_sn, mask=ok, other=0.0)
+    o_ptrs = out_ptr + tok * s_ot + row * s_on
+    if SPLIT > 1:
+        tl.atomic_add(o_ptrs, (0.5 * acc).to(out_ptr.dtype.element_ty), mask=ok, sem="relaxed")
     else:
-        return tl.load(xb + kk[:, None], mask=(kk < K)[:, None], other=0.0)
+        prev = tl.load(o_ptrs, mask=ok, other=0.0)
+        tl.store(o_ptrs, (prev.to(tl.float32) + 0.5 * acc).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _fold(c, part, r: tl.constexpr, blk, g, i4, N, sc_base, s_sn, gi):
+    """c + part x the group scale (group gi) of its rows, for group-scaled deltas."""
+    row = (blk * 64 + 16 * r + g)[:, None] + 8 * (i4 // 2)[None, :]
+    return c + part * tl.load(sc_base + row * s_sn + gi, mask=row < N, other=0.0)
 
 
 @triton.jit
@@ -174,13 +226,146 @@ def _sbmm24_kernel(
     order_ptr,
     seg_ptr,
     N,
-    K,
     S,
-    n_units,
+    NB,
+    n_steps,
     n_groups,
     s_xt,
     s_ds,
-    s_dn,
+    s_ss,
+    s_sn,
+    s_ot,
+    s_on,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    S_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    WARPS: tl.constexpr,
+    F16: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DEPTH: tl.constexpr,
+):
+    """Grid (row blocks of 64 per warp x SPLIT, work items). x_ptr: ``permute_x(x)`` as int32 (bf16
+    pairs), dw_ptr: the slot layout as int32. One step = 64 inputs = 2 sparse mma k-steps per tile
+    and token block of 8. GROUP: 0 (row scale at the end) or a multiple of 64 (folded per step).
+    SPLIT > 1: split-K over programs, atomic adds into out. DEPTH: steps loaded ahead (1, 2)."""
+    s, start, seg_hi, n_work = _segment(seg_ptr, S, S_P2, BLOCK_M)
+    if tl.program_id(1) >= n_work:
+        return
+    T: tl.constexpr = 32 * WARPS
+    P: tl.constexpr = 3 if BITS == 4 else 2
+    u_lo = 0
+    u_hi = n_steps
+    if SPLIT > 1:
+        per = tl.cdiv(n_steps, SPLIT)
+        u_lo = (tl.program_id(0) % SPLIT) * per
+        u_hi = tl.minimum(u_lo + per, n_steps)
+    t = tl.arange(0, T)
+    i4 = tl.arange(0, 4)
+    lane = t % 32
+    g = lane // 4
+    p = lane % 4
+    blk = (tl.program_id(0) // SPLIT) * WARPS + t // 32
+    blk_c = tl.minimum(blk, NB - 1)  # past the last block: read valid words, store nothing
+    s64 = s.to(tl.int64)
+    wb = dw_ptr + s64 * s_ds + (blk_c.to(tl.int64) * (n_steps * P * 128) + lane * 4)[:, None] + i4[None, :]
+    m0 = start + g
+    ok0 = m0 < seg_hi
+    tok0 = tl.load(order_ptr + m0, mask=ok0, other=0)
+    xb0 = x_ptr + (tok0.to(tl.int64) * s_xt + 4 * p)[:, None] + i4[None, :]
+    xm0 = ok0[:, None]
+    ok1 = (m0 + 8 < seg_hi) & (BLOCK_M == 16)
+    tok1 = tl.load(order_ptr + m0 + 8, mask=ok1, other=0)
+    xb1 = x_ptr + (tok1.to(tl.int64) * s_xt + 4 * p)[:, None] + i4[None, :]
+    xm1 = ok1[:, None]
+    c00 = tl.zeros((T, 4), dtype=tl.float32)
+    c10 = tl.zeros((T, 4), dtype=tl.float32)
+    c20 = tl.zeros((T, 4), dtype=tl.float32)
+    c30 = tl.zeros((T, 4), dtype=tl.float32)
+    c01 = tl.zeros((T, 4), dtype=tl.float32)
+    c11 = tl.zeros((T, 4), dtype=tl.float32)
+    c21 = tl.zeros((T, 4), dtype=tl.float32)
+    c31 = tl.zeros((T, 4), dtype=tl.float32)
+    sc_base = sc_ptr + s64 * s_ss
+    # software pipeline in registers: the words and x fragments of steps u + 1 and u + 2 are in
+    # flight while step u is decoded and multiplied (the last steps re-read the last one; DEPTH 1:
+    # only step u + 1)
+    last = u_hi - 1
+    a1, b1, m1, x01, x11, y01, y11 = _load_step(wb, xb0, xm0, xb1, xm1, u_lo, BITS, BLOCK_M)
+    if DEPTH == 2:
+        a2, b2, m2, x02, x12, y02, y12 = _load_step(
+            wb, xb0, xm0, xb1, xm1, tl.minimum(u_lo + 1, last), BITS, BLOCK_M
+        )
+    for u in range(u_lo, u_hi):
+        cw_a, cw_b, mw, x0, x1, y0, y1 = a1, b1, m1, x01, x11, y01, y11
+        if DEPTH == 2:
+            a1, b1, m1, x01, x11, y01, y11 = a2, b2, m2, x02, x12, y02, y12
+            a2, b2, m2, x02, x12, y02, y12 = _load_step(
+                wb, xb0, xm0, xb1, xm1, tl.minimum(u + 2, last), BITS, BLOCK_M
+            )
+        else:
+            a1, b1, m1, x01, x11, y01, y11 = _load_step(
+                wb, xb0, xm0, xb1, xm1, tl.minimum(u + 1, last), BITS, BLOCK_M
+            )
+        if GROUP > 0:
+            q00 = tl.zeros((T, 4), dtype=tl.float32)
+            q10 = tl.zeros((T, 4), dtype=tl.float32)
+            q20 = tl.zeros((T, 4), dtype=tl.float32)
+            q30 = tl.zeros((T, 4), dtype=tl.float32)
+            q01 = tl.zeros((T, 4), dtype=tl.float32)
+            q11 = tl.zeros((T, 4), dtype=tl.float32)
+            q21 = tl.zeros((T, 4), dtype=tl.float32)
+            q31 = tl.zeros((T, 4), dtype=tl.float32)
+        else:
+            q00, q10, q20, q30, q01, q11, q21, q31 = c00, c10, c20, c30, c01, c11, c21, c31
+        f0, f1, f2, f3 = _decode4(cw_a, 0, BITS, F16)
+        q00, q10, q20, q30 = _mma4(q00, q10, q20, q30, f0, f1, f2, f3, x0, mw, 0, F16)
+        if BLOCK_M == 16:
+            q01, q11, q21, q31 = _mma4(q01, q11, q21, q31, f0, f1, f2, f3, y0, mw, 0, F16)
+        f0, f1, f2, f3 = _decode4(cw_b, 1, BITS, F16)
+        q00, q10, q20, q30 = _mma4(q00, q10, q20, q30, f0, f1, f2, f3, x1, mw, 1, F16)
+        if BLOCK_M == 16:
+            q01, q11, q21, q31 = _mma4(q01, q11, q21, q31, f0, f1, f2, f3, y1, mw, 1, F16)
+        if GROUP > 0:
+            gi = tl.minimum((u * 64) // GROUP, n_groups - 1)
+            c00 = _fold(c00, q00, 0, blk, g, i4, N, sc_base, s_sn, gi)
+            c10 = _fold(c10, q10, 1, blk, g, i4, N, sc_base, s_sn, gi)
+            c20 = _fold(c20, q20, 2, blk, g, i4, N, sc_base, s_sn, gi)
+            c30 = _fold(c30, q30, 3, blk, g, i4, N, sc_base, s_sn, gi)
+            if BLOCK_M == 16:
+                c01 = _fold(c01, q01, 0, blk, g, i4, N, sc_base, s_sn, gi)
+                c11 = _fold(c11, q11, 1, blk, g, i4, N, sc_base, s_sn, gi)
+                c21 = _fold(c21, q21, 2, blk, g, i4, N, sc_base, s_sn, gi)
+                c31 = _fold(c31, q31, 3, blk, g, i4, N, sc_base, s_sn, gi)
+        else:
+            c00, c10, c20, c30, c01, c11, c21, c31 = q00, q10, q20, q30, q01, q11, q21, q31
+    a = (start, seg_hi, N, s64, order_ptr, sc_ptr, s_ss, s_sn, out_ptr, s_ot, s_on, GROUP, SPLIT)
+    _store_tile(c00, 0, 0, blk, g, p, i4, *a)
+    _store_tile(c10, 1, 0, blk, g, p, i4, *a)
+    _store_tile(c20, 2, 0, blk, g, p, i4, *a)
+    _store_tile(c30, 3, 0, blk, g, p, i4, *a)
+    if BLOCK_M == 16:
+        _store_tile(c01, 0, 1, blk, g, p, i4, *a)
+        _store_tile(c11, 1, 1, blk, g, p, i4, *a)
+        _store_tile(c21, 2, 1, blk, g, p, i4, *a)
+        _store_tile(c31, 3, 1, blk, g, p, i4, *a)
+
+
+@triton.jit
+def _sbmm24_interp_kernel(
+    x_ptr,
+    dw_ptr,
+    sc_ptr,
+    out_ptr,
+    order_ptr,
+    seg_ptr,
+    N,
+    K,
+    S,
+    n_steps,
+    n_groups,
+    s_xt,
+    s_ds,
     s_ss,
     s_sn,
     s_ot,
@@ -190,129 +375,96 @@ def _sbmm24_kernel(
     S_P2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ASM: tl.constexpr,
-    F16: tl.constexpr,
-    IEEE: tl.constexpr,
-    EVEN: tl.constexpr,
-    SPLIT: tl.constexpr,
-    XPERM: tl.constexpr,
 ):
-    """Grid (output blocks x SPLIT, work items); one K step per unit of 256 inputs. GROUP: 0 (scale
-    per row, applied at the end) or >= 64 (one scale per sub-phase, applied to its partial
-    product). SPLIT > 1: split-K, each program takes a range of units and adds its partial product
-    with an atomic add (so one slot still fills the GPU). x must have unit stride along K; XPERM:
-    x is ``permute_x(x)`` (zero-padded to whole units), so each x tile is one contiguous load."""
+    """The same op without asm (for TRITON_INTERPRET=1): each step's [BLOCK_N, 64] weights are
+    gathered from the layout by the same lane / tile / register mapping mma.sp reads, then one fp32
+    dot with the (unpermuted) x tile."""
     s, tok, m_mask, n_work = _work_item(seg_ptr, order_ptr, S, S_P2, BLOCK_M)
     if tl.program_id(1) >= n_work:
         return
-    nb = tl.program_id(0) // SPLIT
-    u_lo = 0
-    u_hi = n_units
-    if SPLIT > 1:
-        per = tl.cdiv(n_units, SPLIT)
-        u_lo = (tl.program_id(0) % SPLIT) * per
-        u_hi = tl.minimum(u_lo + per, n_units)
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    P: tl.constexpr = 3 if BITS == 4 else 2
+    Z2: tl.constexpr = 15 if BITS == 4 else 3
+    row = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = row < N
+    blk = row // 64
+    r = (row % 64) // 16
+    h_r = (row % 16) // 8
+    g = row % 8
+    kin = tl.arange(0, 64)
+    gk = kin // 4
+    d = kin % 4
+    kk = gk // 8
+    h_j = (gk % 8) // 4
+    pj = gk % 4
+    i = h_r[:, None] + 2 * h_j[None, :]
     s64 = s.to(tl.int64)
-    WPU: tl.constexpr = 48 if BITS == 4 else 32
-    w = tl.arange(0, 16)
-    rows = dw_ptr + s64 * s_ds + offs_n.to(tl.int64)[:, None] * s_dn + w[None, :]
-    sc_rows = sc_ptr + s64 * s_ss + offs_n * s_sn
-    xb = x_ptr + tok.to(tl.int64)[None, :] * s_xt
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for u in range(u_lo, u_hi):
-        ptr = rows + u * WPU
-        c_a = tl.load(ptr, mask=n_mask[:, None], other=0)
-        if BITS == 4:
-            c_b = tl.load(ptr + 16, mask=n_mask[:, None], other=0)
-            p_w = tl.load(ptr + 32, mask=n_mask[:, None], other=0)
-        else:
-            c_b = c_a
-            p_w = tl.load(ptr + 16, mask=n_mask[:, None], other=0)
-        kb = u * 256 + 4 * w
-        for sp in tl.static_range(4):
-            if GROUP > 0:
-                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            else:
-                part = acc
-            if BITS == 4 and sp >= 2:
-                cw = c_b.to(tl.int32) & 0xFFFF
-            else:
-                cw = c_a.to(tl.int32) & 0xFFFF
-            pw = p_w.to(tl.int32) & 0xFFFF
-            if ASM:
-                if BITS == 4 and sp >= 2:
-                    d = _decode(c_b, p_w, sp, BITS, F16)
-                else:
-                    d = _decode(c_a, p_w, sp, BITS, F16)
-            for j in tl.static_range(4):
-                if XPERM:  # x permuted by the wrapper: phase (sp, j) of the unit is 16 inputs in a row
-                    xt = tl.load(xb + (u * 256 + 16 * (4 * sp + j) + w)[:, None])
-                else:
-                    xt = _x_tile(xb, kb + (64 * sp + j), K, EVEN)
-                if ASM:
-                    part = tl.dot(d[j], xt, part)
-                elif IEEE:
-                    part = tl.dot(
-                        _phase(cw, pw, sp, j, BITS), xt.to(tl.float32), part, input_precision="ieee"
-                    )
-                else:
-                    part = tl.dot(_phase(cw, pw, sp, j, BITS).to(xt.dtype), xt, part)
-            if GROUP > 0:
-                g = tl.minimum((u * 256 + 64 * sp) // GROUP, n_groups - 1)  # past K: part is 0
-                acc += part * tl.load(sc_rows + g, mask=n_mask, other=0.0)[:, None]
-            else:
-                acc = part
-    if GROUP == 0:
-        acc = acc * tl.load(sc_rows, mask=n_mask, other=0.0)[:, None]
-    o_ptrs = out_ptr + tok[None, :] * s_ot + offs_n[:, None] * s_on
-    o_mask = n_mask[:, None] & m_mask[None, :]
-    if SPLIT > 1:
-        tl.atomic_add(o_ptrs, (0.5 * acc).to(out_ptr.dtype.element_ty), mask=o_mask, sem="relaxed")
+    base = dw_ptr + s64 * s_ds + (blk * (n_steps * P * 128))[:, None]
+    if BITS == 4:
+        cpos = kk[None, :] * 128 + (4 * g[:, None] + pj[None, :]) * 4 + r[:, None]
+        o = 4 * i
     else:
-        prev = tl.load(o_ptrs, mask=o_mask, other=0.0)
-        tl.store(o_ptrs, (prev.to(tl.float32) + 0.5 * acc).to(out_ptr.dtype.element_ty), mask=o_mask)
+        cpos = (4 * g[:, None] + pj[None, :]) * 4 + r[:, None]
+        o = 2 * (4 * kk[None, :] + i)
+    mpos = (P - 1) * 128 + (4 * g[:, None] + 2 * (r[:, None] % 2) + h_j[None, :]) * 4
+    mpos = mpos + 2 * kk[None, :] + r[:, None] // 2
+    msh = 16 * h_r[:, None] + 4 * pj[None, :]
+    fmask: tl.constexpr = 15 if BITS == 4 else 3
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for u in range(0, n_steps):
+        wp = base + u * (P * 128)
+        cw = tl.load(wp + cpos, mask=n_mask[:, None], other=0)
+        mw = tl.load(wp + mpos, mask=n_mask[:, None], other=4)
+        c0 = (cw >> o) & fmask
+        c1 = (cw >> (o + 16)) & fmask
+        nib = (mw >> msh) & 15
+        v = tl.where(d[None, :] == (nib & 3), 2 * c0 - Z2, tl.where(d[None, :] == (nib >> 2), 2 * c1 - Z2, 0))
+        kx = u * 64 + kin
+        xt = tl.load(
+            x_ptr + tok[None, :] * s_xt + kx[:, None], mask=(kx < K)[:, None] & m_mask[None, :], other=0.0
+        )
+        part = tl.dot(v.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        if GROUP > 0:
+            gi = tl.minimum((u * 64) // GROUP, n_groups - 1)
+            acc += part * tl.load(sc_ptr + s64 * s_ss + row * s_sn + gi, mask=n_mask, other=0.0)[:, None]
+        else:
+            acc += part
+    if GROUP == 0:
+        acc = acc * tl.load(sc_ptr + s64 * s_ss + row * s_sn, mask=n_mask, other=0.0)[:, None]
+    o_ptrs = out_ptr + tok[None, :] * s_ot + row[:, None] * s_on
+    o_mask = n_mask[:, None] & m_mask[None, :]
+    prev = tl.load(o_ptrs, mask=o_mask, other=0.0)
+    tl.store(o_ptrs, (prev.to(tl.float32) + 0.5 * acc).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 class Config(NamedTuple):
-    """Launch configuration: tokens per tile, output rows per tile, warps (2: mma.sync, A and B
-    from registers; 4, 8: wgmma), pipeline stages, split-K factor (atomic adds into out), x
-    permuted once per call (one more small launch; contiguous x tiles), register cap."""
+    """Launch configuration: tokens per work item (8 or 16: one or two mma token blocks), warps per
+    program (each warp 64 output rows), split-K factor (atomic adds into out), steps loaded ahead."""
 
     block_m: int
-    block_n: int
     num_warps: int = 4
-    num_stages: int = 2
     split: int = 1
-    xperm: bool = False
-    maxnreg: int | None = None
+    depth: int = 2
 
 
-# Candidates for Hopper, from the SASS count per stored value and the registers (benchmarks/
-# sass_sbmm.py) and the H200 runs (NOTES-sbmm.md): 1-2 warps (mma.sync, the decoded tiles stay in
-# registers) won every decode case over wgmma; x permuted per call saves ~13 % of the instructions
-# for one more small launch. Few live slots add split-K variants.
-DECODE_CONFIGS = [
-    Config(16, 128, 2, 2, xperm=True),
-    Config(16, 64, 2, 3, xperm=True),
-    Config(16, 64, 1, 2, xperm=True),
-    Config(16, 128, 2, 2),
-]
-SPLIT_CONFIGS = [Config(16, 128, 2, 2, 4, xperm=True), Config(16, 128, 2, 2, 4), Config(16, 128, 4, 2, 8)]
-PREFILL_CONFIGS = [Config(64, 128, 4, 2, xperm=True), Config(64, 128, 4, 2)]
-INTERPRET_CONFIG = Config(16, 32, 4, 1)
+# Candidates for Hopper (benchmarks/NOTES-sbmm.md, H200 runs of 2026-11-28): token blocks of 8 / 16,
+# 2-8 warps of 64 rows, loads 1-2 steps ahead; split-K 2 for mid-size batches, more for few slots.
+DECODE_CONFIGS = [Config(8, 4), Config(16, 4), Config(16, 8), Config(8, 4, depth=1), Config(8, 4, 2)]
+SPLIT_CONFIGS = [Config(8, 1, 16), Config(16, 2, 8)]
+PREFILL_CONFIGS = [Config(16, 4), Config(16, 8)]
+INTERPRET_BLOCK = (16, 32)  # (tokens, rows) per program of the interpreter kernel
 TUNER = Tuner()
 
 
 def permute_x(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x [T, k] -> [T, units * 256], zero-padded, input 64s + 4w + j of each unit moved to
-    16 (4s + j) + w: the inputs phase j of sub-phase s meets, in a row."""
-    units = L.n_units(k)
-    if units * L.UNIT_K != k:
-        x = torch.nn.functional.pad(x, (0, units * L.UNIT_K - k))
+    """x [T, k] -> int32 [T, steps * 32] (bf16/fp16 pairs), zero-padded to whole steps of 64, each
+    32 inputs reordered so that a thread's B fragment of mma.sp is 16 contiguous bytes: pair
+    (2 p + 8 i, +1) of a sub-step moves to int32 word 4 p + i."""
+    steps = L.n_steps(k)
+    if steps * L.STEP_K != k:
+        x = torch.nn.functional.pad(x, (0, steps * L.STEP_K - k))
     t = x.shape[0]
-    return x.reshape(t, units, 4, 16, 4).transpose(3, 4).reshape(t, units * L.UNIT_K)
+    xp = x.reshape(t, steps * 2, 4, 4, 2).transpose(2, 3).contiguous()
+    return xp.view(torch.int32).reshape(t, steps * 32)
 
 
 def tune_key(dtype, k, n, bits, group_size, n_slots, t, active=None) -> tuple:
@@ -337,20 +489,20 @@ def sbmm_device(
 ) -> torch.Tensor:
     """Semantics: out[t, :] += x[t, :] @ dequant(Δ[slot[t]])ᵀ for every t with 0 <= slot[t] < S.
 
-    Shape: x [T, k] fp16/bf16 (unit stride along k); dw [S, N, W] int16 (``layout.to_device_layout``
-    of 2:4 2/4-bit parts); scales [S, N, G] fp32; slot [T] int32; out [T, N] in x's dtype (zeros if
-    None). ``active``: how many slots are live (autotuning hint only).
+    Shape: x [T, k] fp16/bf16; dw [S, N, W] int16 (``layout.to_device_layout`` of 2:4 2/4-bit
+    parts); scales [S, N, G] fp32; slot [T] int32; out [T, N] in x's dtype (zeros if None).
+    ``active``: how many slots are live (autotuning hint only).
     """
     lay = L.QuantLayout(bits=bits, sparsity="2:4", group_size=group_size)
     if not L.supported(lay):
         raise CodecError(f"the slot-layout kernel does not read {lay}")
     if x.dim() != 2 or x.shape[1] != k or x.dtype not in (torch.float16, torch.bfloat16):
         raise ShapeMismatchError(f"x must be fp16/bf16 [T, {k}], got {x.dtype} {tuple(x.shape)}")
-    if dw.dim() != 3 or dw.dtype != torch.int16 or dw.shape[2] != L.device_shape(lay, 1, k)[1]:
+    n_slots, n = dw.shape[:2] if dw.dim() == 3 else (0, 0)
+    if dw.dim() != 3 or dw.dtype != torch.int16 or tuple(dw.shape[1:]) != L.device_shape(lay, n, k):
         raise ShapeMismatchError(
-            f"dw must be int16 [S, N, {L.device_shape(lay, 1, k)[1]}], got {dw.dtype} {tuple(dw.shape)}"
+            f"dw must be int16 [S, N, W] as layout.device_shape gives, got {dw.dtype} {tuple(dw.shape)}"
         )
-    n_slots, n = dw.shape[:2]
     if tuple(scales.shape) != (n_slots, n, lay.n_groups(k)) or scales.dtype != torch.float32:
         raise ShapeMismatchError(
             f"scales must be float32 {(n_slots, n, lay.n_groups(k))}, got {tuple(scales.shape)}"
@@ -365,57 +517,38 @@ def sbmm_device(
     check_device(x, dw, scales, slot, out)
     if t == 0 or n_slots == 0:
         return out
-    if x.stride(1) != 1 or dw.stride(2) != 1:
-        x = x.contiguous()
-        dw = dw.contiguous()
+    dw = dw.contiguous()
+    x = x.contiguous()
     p = plan(slot, n_slots) if plan_ is None else plan_
     check_plan(p, t, n_slots)
-    ieee = interpreting() and x.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
+    steps = L.n_steps(k)
+    if interpreting():
+        bm, bn = INTERPRET_BLOCK
+        dw32 = dw.view(torch.int32)
+        grid = (triton.cdiv(n, bn), min(n_slots, t) + triton.cdiv(t, bm))
+        _sbmm24_interp_kernel[grid](
+            x, dw32, scales, out, p.order, p.seg, n, k, n_slots, steps, scales.shape[2], x.stride(0),
+            dw32.stride(0), scales.stride(0), scales.stride(1), out.stride(0), out.stride(1),
+            BITS=bits, GROUP=group_size or 0, S_P2=max(64, next_pow2(n_slots)), BLOCK_M=bm, BLOCK_N=bn,
+        )  # fmt: skip
+        return out
 
     def launch(c: Config, o: torch.Tensor) -> None:
-        xk = permute_x(x, k) if c.xperm else x
-        # work items <= (non-empty slots) + cdiv(T, BM), and non-empty slots <= min(S, T)
-        grid = (triton.cdiv(n, c.block_n) * c.split, min(n_slots, t) + triton.cdiv(t, c.block_m))
+        xk = permute_x(x, k)
+        dw32 = dw.view(torch.int32)
+        nb = L.n_blocks(n)
+        grid = (triton.cdiv(nb, c.num_warps) * c.split, min(n_slots, t) + triton.cdiv(t, c.block_m))
         _sbmm24_kernel[grid](
-            xk,
-            dw,
-            scales,
-            o,
-            p.order,
-            p.seg,
-            n,
-            k,
-            n_slots,
-            L.n_units(k),
-            scales.shape[2],
-            xk.stride(0),
-            dw.stride(0),
-            dw.stride(1),
-            scales.stride(0),
-            scales.stride(1),
-            o.stride(0),
-            o.stride(1),
-            BITS=bits,
-            GROUP=group_size or 0,
-            S_P2=max(64, next_pow2(n_slots)),
-            BLOCK_M=c.block_m,
-            BLOCK_N=c.block_n,
-            ASM=not interpreting(),
-            F16=x.dtype == torch.float16,
-            IEEE=ieee,
-            EVEN=k % L.UNIT_K == 0,
-            SPLIT=c.split,
-            XPERM=c.xperm,
-            num_warps=c.num_warps,
-            num_stages=c.num_stages,
-            **({"maxnreg": c.maxnreg} if c.maxnreg else {}),
-        )
+            xk, dw32, scales, o, p.order, p.seg, n, n_slots, nb, steps, scales.shape[2], xk.stride(0),
+            dw32.stride(0), scales.stride(0), scales.stride(1), o.stride(0), o.stride(1),
+            BITS=bits, GROUP=group_size or 0, S_P2=max(64, next_pow2(n_slots)), BLOCK_M=c.block_m,
+            WARPS=c.num_warps, F16=x.dtype == torch.float16, SPLIT=c.split, DEPTH=c.depth,
+            num_warps=c.num_warps, num_stages=1,
+        )  # fmt: skip
 
     if config is None:
         key = tune_key(x.dtype, k, n, bits, group_size, n_slots, t, active)
-        if interpreting():
-            cands = [INTERPRET_CONFIG]
-        elif t > 256:
+        if t > 256:
             cands = PREFILL_CONFIGS
         else:  # split-K only pays when few (slot, token block) items leave SMs idle
             cands = DECODE_CONFIGS + (SPLIT_CONFIGS if (active or n_slots) <= 8 else [])

@@ -132,14 +132,13 @@ class _Pools:
             raise VariantLoadError(f"{what}: unsupported delta kind {p.kind!r}")
 
     def _use_slot_layout(self, p: PackedTensor) -> bool:
-        # bf16 and per-row scales only: the combinations checked on the GPU so far (fp16 and group
-        # scales pass the interpreter tests; tests/kernels/test_gpu.py covers them on the device)
+        # bf16 / fp16 activations, scales per row or per a multiple of 64 inputs (layout.supported):
+        # all checked on the H200 by tests/kernels/test_gpu.py (2026-11-28)
         return (
             self.slot_layout
             and self.device.type == "cuda"
-            and self.dtype == torch.bfloat16
+            and self.dtype in (torch.bfloat16, torch.float16)
             and p.layout is not None
-            and p.layout.group_size is None
             and _slot_layout().supported(p.layout)
         )
 

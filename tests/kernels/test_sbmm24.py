@@ -19,46 +19,78 @@ TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("k", [64, 300, 512])
-def test_layout_round_trip_and_bytes(bits, k):
+@pytest.mark.parametrize(("n", "k"), [(9, 64), (64, 300), (128, 512)])
+def test_layout_round_trip_and_bytes(bits, n, k):
     lay = QuantLayout(bits, "2:4")
-    st = make_stack(3, 9, k, lay, torch.Generator().manual_seed(bits + k))
-    dev = L.to_device_layout(st, lay, 9, k)
-    assert dev["dw"].dtype == torch.int16 and tuple(dev["dw"].shape) == (3, *L.device_shape(lay, 9, k))
-    back = L.from_device_layout(dev, lay, 9, k)
+    st = make_stack(3, n, k, lay, torch.Generator().manual_seed(bits + k))
+    dev = L.to_device_layout(st, lay, n, k)
+    assert dev["dw"].dtype == torch.int16 and tuple(dev["dw"].shape) == (3, *L.device_shape(lay, n, k))
+    back = L.from_device_layout(dev, lay, n, k)
     for name in ("qweight", "meta", "scales"):
         assert torch.equal(back[name], st[name]), name
     packed = sum(st[name][0].numel() * 4 for name in ("qweight", "meta"))
-    if k % L.UNIT_K == 0:  # same bytes; else padded to whole units of 256 inputs
+    if n % L.BLOCK_ROWS == 0 and k % L.STEP_K == 0:  # same bytes; else padded to whole blocks / steps
         assert dev["dw"][0].numel() * 2 == packed
     else:
-        assert packed < dev["dw"][0].numel() * 2 <= packed + 9 * L.UNIT_K * (bits + 2) // 8
+        full = L.n_blocks(n) * L.BLOCK_ROWS * L.n_steps(k) * L.STEP_K * (bits + 2) // 8
+        assert packed <= dev["dw"][0].numel() * 2 <= full + 4 * n
 
 
-def test_layout_field_positions():
-    """One group, decoded by hand from the documented bit positions."""
-    lay = QuantLayout(4, "2:4")
-    st = make_stack(1, 1, 256, lay, torch.Generator().manual_seed(3))
-    dev = L.to_device_layout(st, lay, 1, 256)["dw"][0, 0].to(torch.int32) & 0xFFFF
-    codes = K.reference.dequant_slot(
+def _mma_sp_dense(dw, bits, n, k):
+    """Dense [rows, inputs] weights 2 (c - z) of slot 0 as mma.sp m16n8k32 reads the layout: the A
+    fragment and metadata placement of the PTX ISA, written out per lane independently of layout.py."""
+    words = dw[0].reshape(-1).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    nb, ns, npart = L.n_blocks(n), L.n_steps(k), L.parts(bits)
+    words = words[: nb * ns * npart * 128].reshape(nb, ns, npart, 32, 4)
+    dense = torch.zeros(nb * 64, ns * 64)
+    z2 = 15 if bits == 4 else 3
+    for b in range(nb):
+        for u in range(ns):
+            for kk in range(2):
+                for r in range(4):
+                    comp = torch.zeros(16, 16, dtype=torch.int64)  # compressed A: [row, 2 group + value]
+                    idx = torch.zeros(16, 8, 2, dtype=torch.int64)  # metadata: [row, group, value]
+                    for lane in range(32):
+                        g, p = divmod(lane, 4)
+                        w = int(words[b, u, kk if bits == 4 else 0, lane, r])
+                        for i, (row, col) in enumerate(
+                            [(g, 2 * p), (g + 8, 2 * p), (g, 2 * p + 8), (g + 8, 2 * p + 8)]
+                        ):
+                            o = 4 * i if bits == 4 else 2 * (4 * kk + i)
+                            fm = 15 if bits == 4 else 3
+                            comp[row, col], comp[row, col + 1] = (w >> o) & fm, (w >> (o + 16)) & fm
+                        if p // 2 == r % 2:  # this lane holds metadata for tile r (sparsity selector r % 2)
+                            m = int(words[b, u, -1, lane, 2 * kk + r // 2])
+                            for half, row in ((0, g), (1, g + 8)):
+                                for jj in range(4):
+                                    nib = (m >> (16 * half + 4 * jj)) & 15
+                                    idx[row, 4 * (p % 2) + jj] = torch.tensor([nib & 3, nib >> 2])
+                    for row in range(16):
+                        for grp in range(8):
+                            for v in range(2):
+                                col = 64 * u + 32 * kk + 4 * grp + int(idx[row, grp, v])
+                                dense[64 * b + 16 * r + row, col] = 2 * int(comp[row, 2 * grp + v]) - z2
+    return dense[:n, :k]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_layout_is_the_mma_sp_fragment_order(bits):
+    """The layout, read the way mma.sp reads its registers, gives the stored delta (x 2 / scale)."""
+    n, k = 70, 100
+    lay = QuantLayout(bits, "2:4")
+    st = make_stack(1, n, k, lay, torch.Generator().manual_seed(5 + bits))
+    dev = L.to_device_layout(st, lay, n, k)
+    want = K.reference.dequant_slot(
         0,
         st["qweight"],
         torch.ones_like(st["scales"]),
-        bits=4,
+        bits=bits,
         sparse=True,
         group_size=None,
-        k=256,
+        k=k,
         meta=st["meta"],
-    )[0]
-    for g in (0, 17, 38, 63):  # g = 16 s + w
-        s, w = divmod(g, 16)
-        word = dev[w] if s < 2 else dev[16 + w]
-        c0, c1 = (word >> (8 * (s % 2))) & 15, (word >> (8 * (s % 2) + 4)) & 15
-        keep = sum(((int(dev[32 + w]) >> L.mask_bit(s, j)) & 1) << j for j in range(4))
-        dense = codes[4 * g : 4 * g + 4]
-        pos = [j for j in range(4) if keep >> j & 1]
-        assert len(pos) == 2 and [j for j in range(4) if dense[j] != 0] == pos
-        assert float(dense[pos[0]]) == float(c0) - 7.5 and float(dense[pos[1]]) == float(c1) - 7.5
+    )
+    torch.testing.assert_close(_mma_sp_dense(dev["dw"], bits, n, k), 2 * want.float(), rtol=0, atol=0)
 
 
 def test_layout_rejects_unsupported():
@@ -117,30 +149,19 @@ def test_sbmm_device_group_scales(bits, group_size, k):
 
 def test_sbmm_device_even_shapes_several_blocks_and_plan():
     """K a multiple of the unit (loads without masks), several output blocks, a given plan."""
-    _run(4, "zipf", torch.bfloat16, t=37, s=5, n=96, k=512, config=Config(16, 32, 4, 1), own_plan=True)
-    _run(2, "hot_base", torch.float16, t=5, s=12, n=40, k=256, config=Config(32, 64, 4, 1))
+    _run(4, "zipf", torch.bfloat16, t=37, s=5, n=96, k=512, config=Config(16, 4), own_plan=True)
+    _run(2, "hot_base", torch.float16, t=5, s=12, n=40, k=256, config=Config(8, 2))
 
 
-@pytest.mark.parametrize(("bits", "k", "dtype"), [(4, 300, torch.bfloat16), (2, 512, torch.float16)])
-def test_sbmm_device_permuted_x(bits, k, dtype):
-    """x permuted once per call (contiguous x tiles), K padded to whole units when needed."""
-    _run(bits, "uniform", dtype, t=11, n=40, k=k, config=Config(16, 32, 4, 1, xperm=True))
-
-
-def test_permute_x_puts_each_phase_in_a_row():
-    x = torch.arange(2 * 300, dtype=torch.float32).reshape(2, 300)
-    xp = permute_x(x, 300)
-    assert xp.shape == (2, 512) and bool((xp[:, 300:].sum(1) >= 0).all())
-    for u, s, j in [(0, 0, 0), (0, 3, 1), (1, 0, 2)]:  # unit u, sub-phase s, phase j: 16 in a row
-        want = [256 * u + 64 * s + 4 * w + j for w in range(16)]
-        want = [x[0, k].item() if k < 300 else 0.0 for k in want]
-        assert xp[0, 256 * u + 16 * (4 * s + j) : 256 * u + 16 * (4 * s + j) + 16].tolist() == want
-
-
-def test_sbmm_device_split_k():
-    """Split-K (units shared out over programs, partial products added atomically; fp16 only here:
-    the interpreter has no bf16 atomics, test_gpu.py runs bf16)."""
-    _run(4, "zipf", torch.float16, t=9, s=2, n=40, k=1100, config=Config(16, 32, 4, 1, 3))
+def test_permute_x_makes_each_b_fragment_contiguous():
+    x = torch.arange(2 * 100, dtype=torch.float32).reshape(2, 100).to(torch.float16)
+    xp = permute_x(x, 100)
+    assert xp.dtype == torch.int32 and xp.shape == (2, 64)
+    pairs = xp.view(torch.float16).reshape(2, 128)
+    for c, p, i in [(0, 0, 0), (1, 3, 2), (3, 1, 3)]:  # sub-step c, lane column p, register i
+        src = 32 * c + 2 * p + 8 * i
+        got = pairs[1, 32 * c + 8 * p + 2 * i : 32 * c + 8 * p + 2 * i + 2].tolist()
+        assert got == [float(x[1, q]) if q < 100 else 0.0 for q in (src, src + 1)]
 
 
 def test_sbmm_device_all_base_only_and_errors():
