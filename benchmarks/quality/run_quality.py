@@ -89,6 +89,9 @@ ABLATIONS = [
     # bitdelta's bytes (1 bit per weight, dense) with obs's per-row scales and error feedback
     ("obs 1-bit dense", "obs", 1, "none", {}),
     ("obs 1-bit dense + scale distillation", "obs", 1, "none", {"distill": True}),
+    # not run yet: the same bytes without error feedback (is feedback what loses to bitdelta at 1 bit?)
+    ("rtn 1-bit dense", "rtn", 1, "none", {}),
+    ("rtn 1-bit dense + scale distillation", "rtn", 1, "none", {"distill": True}),
 ]
 # run options, not codec options
 RUN_OPTIONS = ("distill", "distill_samples", "distill_steps", "budget_of", "calib_samples", "group_size",
@@ -216,7 +219,7 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
     delta = Path(a["work"]) / "deltas" / domain / label.replace(" ", "_").replace("/", "_")
     cfg = CompressConfig(
         method=method,
-        bits=bits if method == "obs" else max(bits, 2),
+        bits=bits if method in ("obs", "rtn") else max(bits, 2),
         sparsity=sparsity,
         group_size=options.get("group_size"),
         calibration_samples=options.get("calib_samples", a["calib_samples"]),
