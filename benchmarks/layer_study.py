@@ -6,7 +6,9 @@ layer-output error ||X (Δ - Δ̂)ᵀ|| / ||X Δᵀ|| of
 * obs with and without group act-order (``act_order`` option),
 * the 2:4 choice by OBS saliency (w² / U_jj², what obs does) vs the joint OBS cost of pruning each
   pair (2 x 2 blocks of the inverse Hessian) — an experimental variant that is not shipped,
-* obs vs dare vs rtn on gradient-like ("aligned") deltas,
+* obs vs dare vs rtn on gradient-like ("aligned") deltas, and obs with DARE's random mask,
+* at one bit per weight (dense): obs (error feedback) vs rtn vs bitdelta, with the share of stored
+  signs that differ from sign(Δ),
 
 and the entropy of the 2:4 patterns obs chooses, conditioned on the input column group, against
 what zstd stores for ``meta``. Inputs: the base model and training tokens that
@@ -145,8 +147,19 @@ def main() -> None:
                 c = get_codec(codec)(s)
                 approx = c.decompress(c.compress(aligned, h if codec == "obs" else None))
                 row[f"aligned_{codec}"] = rel_error(aligned, approx, x_test)
+            rnd = get_codec("obs")(CodecSettings(bits, "2:4", None, {"mask": "random"}))
+            approx = rnd.decompress(rnd.compress(aligned, h))
+            row["aligned_obs_random_mask"] = rel_error(aligned, approx, x_test)
             print(json.dumps(row), flush=True)
             rows.append(row)
+        one = {"layer": name, "bits": 1, "sparsity": "none"}
+        for codec in ("obs", "rtn", "bitdelta"):
+            c = get_codec(codec)(CodecSettings(1, "none", None))
+            approx = c.decompress(c.compress(aligned, h if codec == "obs" else None))
+            one[f"aligned_{codec}"] = rel_error(aligned, approx, x_test)
+            one[f"sign_flips_{codec}"] = float((approx.sign() != aligned.sign()).float().mean())
+        print(json.dumps(one), flush=True)
+        rows.append(one)
     result = {
         "what": "held-out relative layer-output error of synthetic deltas on real SmolLM2-135M inputs",
         "command": "python benchmarks/layer_study.py --out " + a.out,
