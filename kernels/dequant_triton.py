@@ -139,9 +139,9 @@ def _dequant_tile(
 
 
 @triton.jit
-def _work_item(seg_ptr, order_ptr, S, S_P2: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's work item (axis 1): slot, token ids [BLOCK_M], their mask, and the number of
-    work items in use (programs at or past it have none and must exit)."""
+def _segment(seg_ptr, S, S_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's work item (axis 1): slot, first and end position of its tokens in the plan's
+    order, and the number of work items in use (programs at or past it have none and must exit)."""
     offs_s = tl.arange(0, S_P2)
     smask = offs_s < S
     lo = tl.load(seg_ptr + offs_s, mask=smask, other=0)
@@ -153,10 +153,18 @@ def _work_item(seg_ptr, order_ptr, S, S_P2: tl.constexpr, BLOCK_M: tl.constexpr)
     sel = offs_s == s
     seg_hi = tl.sum(tl.where(sel, hi, 0), axis=0)
     start = tl.sum(tl.where(sel, lo + (w - cum + nb) * BLOCK_M, 0), axis=0)
+    return s, start, seg_hi, tl.sum(nb, axis=0)
+
+
+@triton.jit
+def _work_item(seg_ptr, order_ptr, S, S_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's work item (axis 1): slot, token ids [BLOCK_M], their mask, and the number of
+    work items in use (programs at or past it have none and must exit)."""
+    s, start, seg_hi, n_work = _segment(seg_ptr, S, S_P2, BLOCK_M)
     offs_m = start + tl.arange(0, BLOCK_M)
     m_mask = offs_m < seg_hi
     tok = tl.load(order_ptr + offs_m, mask=m_mask, other=0)
-    return s, tok, m_mask, tl.sum(nb, axis=0)
+    return s, tok, m_mask, n_work
 
 
 @triton.jit

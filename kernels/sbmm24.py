@@ -25,7 +25,7 @@ from deltahub.errors import CodecError, ShapeMismatchError
 
 from . import layout as L
 from ._common import Plan, Tuner, batch_class, check_device, check_plan, interpreting, next_pow2, plan
-from .dequant_triton import _work_item
+from .dequant_triton import _segment, _work_item
 
 
 def _decode_asm(bits: int, f16: bool, kk: int) -> str:
@@ -151,24 +151,6 @@ def _load_step(wb, xb0, xm0, xb1, xm1, u, BITS: tl.constexpr, BLOCK_M: tl.conste
         y0 = x0
         y1 = x1
     return cw_a, cw_b, mw, x0, x1, y0, y1
-
-
-@triton.jit
-def _segment(seg_ptr, S, S_P2: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's work item (axis 1): slot, first and end position of its tokens in the plan's
-    order, and the number of work items in use."""
-    offs_s = tl.arange(0, S_P2)
-    smask = offs_s < S
-    lo = tl.load(seg_ptr + offs_s, mask=smask, other=0)
-    hi = tl.load(seg_ptr + offs_s + 1, mask=smask, other=0)
-    nb = (hi - lo + BLOCK_M - 1) // BLOCK_M
-    cum = tl.cumsum(nb, axis=0)
-    w = tl.program_id(1)
-    s = tl.sum((cum <= w).to(tl.int32), axis=0)
-    sel = offs_s == s
-    seg_hi = tl.sum(tl.where(sel, hi, 0), axis=0)
-    start = tl.sum(tl.where(sel, lo + (w - cum + nb) * BLOCK_M, 0), axis=0)
-    return s, start, seg_hi, tl.sum(nb, axis=0)
 
 
 @triton.jit
