@@ -136,6 +136,21 @@ def group_index(layout: fmt.QuantLayout, k: int, kp: int, device: torch.device |
     return (cols // layout.group_size).clamp_(max=layout.n_groups(k) - 1)
 
 
+class DeviceGenerators:
+    """``gens(device)`` -> a torch.Generator for that device, all seeded with ``seed`` and created on
+    first use: a codec's random draws repeat run to run, in the order its tensors are compressed."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._gens: dict[str, torch.Generator] = {}
+
+    def __call__(self, device: torch.device | str) -> torch.Generator:
+        key = str(device)
+        if key not in self._gens:
+            self._gens[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._gens[key]
+
+
 def keep_two_of_four(saliency: torch.Tensor) -> torch.Tensor:
     """Saliency [N, M] (M a multiple of 4) -> bool mask keeping the 2 largest of every 4."""
     n, m = saliency.shape

@@ -22,6 +22,7 @@ import torch
 from deltahub import format as fmt
 from deltahub.codecs.base import (
     CodecSettings,
+    DeviceGenerators,
     QuantCodec,
     concat_packed,
     fake_quant,
@@ -52,13 +53,7 @@ class DareCodec(QuantCodec):
                 f"dare with 2:4 sparsity drops exactly half (p=0.5), got p={self.p}; "
                 "use sparsity 'none' for other rates"
             )
-        self._gen: dict[str, torch.Generator] = {}
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._gen:
-            self._gen[key] = torch.Generator(device=device).manual_seed(int(self.options["seed"]))
-        return self._gen[key]
+        self._gen = DeviceGenerators(int(self.options["seed"]))
 
     @torch.no_grad()
     def compress(self, delta: torch.Tensor, hessian: torch.Tensor | None = None) -> fmt.PackedTensor:
@@ -66,7 +61,7 @@ class DareCodec(QuantCodec):
         n, k = delta.shape
         kp = layout.padded_k(k)
         gidx = group_index(layout, k, kp, delta.device)
-        gen = self._generator(delta.device)
+        gen = self._gen(delta.device)
         rescale = 1.0 / (1.0 - self.p)
         chunks = []
         for rows in row_chunks(n, kp):

@@ -42,6 +42,7 @@ import torch
 from deltahub import format as fmt
 from deltahub.codecs.base import (
     CodecSettings,
+    DeviceGenerators,
     QuantCodec,
     concat_packed,
     group_index,
@@ -155,14 +156,7 @@ class ObsCodec(QuantCodec):
             raise CodecError(f"obs: mask must be 'obs' or 'random', got {self.options['mask']!r}")
         if self.options["mask"] == "random" and not self.layout.sparse:
             raise CodecError("obs: mask='random' needs sparsity 2:4")
-        self._gen: dict[str, torch.Generator] = {}
-
-    def _random_mask(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """A uniform 2:4 mask [n, Kp] bool from this codec's generator for ``device``."""
-        key = str(device)
-        if key not in self._gen:
-            self._gen[key] = torch.Generator(device=device).manual_seed(int(self.options["seed"]))
-        return keep_two_of_four(torch.rand(shape, generator=self._gen[key], device=device))
+        self._gen = DeviceGenerators(int(self.options["seed"]))
 
     @torch.no_grad()
     def compress(self, delta: torch.Tensor, hessian: torch.Tensor | None = None) -> fmt.PackedTensor:
@@ -188,7 +182,7 @@ class ObsCodec(QuantCodec):
             w[:, dead] = 0
             mask = None
             if self.options["mask"] == "random":
-                mask = self._random_mask(tuple(w.shape), w.device)
+                mask = keep_two_of_four(torch.rand(w.shape, generator=self._gen(w.device), device=w.device))
                 w.mul_(mask).mul_(2.0)
             results.append(self._quantize_rows(w, u, k, mask))
             del w
