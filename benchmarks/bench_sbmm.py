@@ -150,7 +150,7 @@ def check_configs(st, layout, k, n, run):
     )
     want = reference.sbmm(x.float(), st["qweight"], st["scales"], slot, **kw)
     errs = {}
-    for cands in (mod.DECODE_CONFIGS, mod.PREFILL_CONFIGS, getattr(mod, "SPLIT_CONFIGS", [])):
+    for cands in (mod.DECODE_CONFIGS, mod.PREFILL_CONFIGS, *_extra_configs(mod)):
         for c in list(cands):
             out = torch.zeros(32, n, device=DEV, dtype=torch.bfloat16)
             try:
@@ -164,6 +164,11 @@ def check_configs(st, layout, k, n, run):
                 print(f"config {c} fails on bits={layout.bits} {layout.sparsity}: {err}", flush=True)
                 cands.remove(c)
     return errs
+
+
+def _extra_configs(mod) -> list[list]:
+    """The module's other candidate lists (split-K, stream-K) where it has them."""
+    return [getattr(mod, name) for name in ("SPLIT_CONFIGS", "STREAM_CONFIGS") if hasattr(mod, name)]
 
 
 def kernel_for(st, layout, k, n):
@@ -306,6 +311,16 @@ def _sbmm_case(kern, layout, k, n, b, nd, args, dense_pool, delta_bytes):
         "plan_us": round(t_plan, 2),
         "config": list(cfg),
     }
+    if args.sweep and b <= 64 and nd >= 16:  # every decode candidate, timed like the pick
+        mod = sbmm24 if L.supported(layout) else generic
+        pairs = list(zip(rots, plans, strict=True))
+        row["config_sweep_us"] = {
+            str(list(c)): round(
+                graph_time_us([lambda s=s, p=p, c=c: run(x, s, out, plan_=p, config=c) for s, p in pairs]), 2
+            )
+            for cands in (mod.DECODE_CONFIGS, *_extra_configs(mod))
+            for c in cands
+        }
     if b >= 1024:
         tf = 2 * b * k * n / t_ours / 1e6
         row.update(tflops=round(tf, 1), pct_bf16_gemm=round(100 * tf / args.bf16_tflops, 1))
@@ -492,6 +507,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the target-domain cases and a few others per shape")
     ap.add_argument("--layouts", default="4:2:4,2:2:4", help="bits:sparsity list, e.g. 4:2:4,3:2:4,4:none")
     ap.add_argument("--no-sgmv", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time every decode config on B <= 64, N >= 16")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN list")
     ap.add_argument("--merge", metavar="JSON", help="keep this file's rows for shapes not run now")
     ap.add_argument("--plot-from", metavar="JSON", help="only redraw sbmm.png from a results file (no GPU)")

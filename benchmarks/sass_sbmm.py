@@ -3,7 +3,7 @@
 Usage: python benchmarks/sass_sbmm.py "4,1,3,16,128,1024,8,2" "4,1,0,16,64,128,4,4" ...
        (bits, sparse 0/1, mode, block_m, block_n, block_k, num_warps, num_stages: kernels/sbmm.py)
        python benchmarks/sass_sbmm.py "slot:4,16,4,2" ...
-       (bits, block_m, num_warps, depth[, fp16 0/1]: kernels/sbmm24.py)
+       (bits, block_m, num_warps, depth[, fp16 0/1[, stream 0/1]]: kernels/sbmm24.py)
 
 Compiles ``_sbmm_kernel`` with triton's own ptxas for an H100/H200 target, disassembles it with the
 nvdisasm that ships with triton, finds the longest backward branch (the K loop) and prints its
@@ -71,11 +71,13 @@ def compile_config(bits, sparse, mode, bm, bn, bk, warps, stages):
     )
 
 
-def compile_slot_config(bits, bm, warps, depth=2, f16=False):
-    """kernels/sbmm24.py (mma.sp on the slot layout), per-row scales."""
+def compile_slot_config(bits, bm, warps, depth=2, f16=False, stream=False):
+    """kernels/sbmm24.py (mma.sp on the slot layout), per-row scales; one task per program or the
+    stream-K grid."""
     const = dict(
-        BITS=bits, GROUP=0, S_P2=64, BLOCK_M=bm, WARPS=warps, F16=bool(f16), SPLIT=1, DEPTH=depth, s_on=1
-    )
+        BITS=bits, GROUP=0, S_P2=64, BLOCK_M=bm, WARPS=warps, F16=bool(f16), SPLIT=1, DEPTH=depth,
+        STREAM=bool(stream), s_on=1,
+    )  # fmt: skip
     xt = "*fp16" if f16 else "*bf16"
     ptrs = {"x_ptr": "*i32", "dw_ptr": "*i32", "sc_ptr": "*fp32", "out_ptr": xt}
     ptrs.update(order_ptr="*i32", seg_ptr="*i32")
@@ -115,21 +117,25 @@ def loop_instructions(cubin: bytes) -> list[str]:
             labels[m.group(1)] = len(ops)
         elif m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)(.*)", line):
             ops.append((m.group(1).split(".")[0], m.group(2)))
-    best = (0, 0)
+    loops = []  # backward branches: (first, last) instruction
     for i, (op, rest) in enumerate(ops):
         target = re.search(r"(L_x_\d+)", rest) if op == "BRA" else None
-        if target and labels.get(target.group(1), i) < i and i - labels[target.group(1)] > best[1] - best[0]:
-            best = (labels[target.group(1)], i)
+        if target and labels.get(target.group(1), i) < i:
+            loops.append((labels[target.group(1)], i))
+    # the K loop: the longest loop with no loop inside it (the stream-K grid wraps it in another)
+    inner = [a for a in loops if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in loops)]
+    best = max(inner, key=lambda a: a[1] - a[0], default=(0, 0))
     return [op for op, _ in ops[best[0] : best[1] + 1]]
 
 
 def main(argv: list[str]) -> int:
     for spec in argv or ["slot:4,16,4,2", "slot:2,16,4,2", "4,1,0,16,64,128,4,4"]:
         if spec.startswith("slot:"):
-            bits, bm, warps, depth, f16 = ([int(v) for v in spec[5:].split(",")] + [0])[:5]
-            k = compile_slot_config(bits, bm, warps, depth, f16)
+            bits, bm, warps, depth, f16, stream = ([int(v) for v in spec[5:].split(",")] + [0, 0])[:6]
+            k = compile_slot_config(bits, bm, warps, depth, f16, stream)
             body = loop_instructions(k.asm["cubin"])
-            stored = warps * 64 * 32  # one K step = 64 inputs, 32 stored values per row, 64 rows per warp
+            # one K step = 64 inputs, 32 stored values per row, 64 rows per warp; depth 3 / 4: 2 / 3 steps
+            stored = warps * 64 * 32 * {3: 2, 4: 3}.get(depth, 1)
             top = collections.Counter(body).most_common(8)
             print(
                 f"{spec}: {len(body)} instr/loop, {len(body) * warps * 32 / stored:.2f} per stored value, "

@@ -8,6 +8,7 @@ The kernels turn ``seg`` into their (slot, token block) work items themselves.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import types
@@ -80,9 +81,39 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+@functools.cache
+def n_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter's grids)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def batch_class(t: int) -> int:
     """Autotuning bucket of a token count: the next power of two (1, 2, 4, ... 4096+)."""
     return min(next_pow2(max(t, 1)), 4096)
+
+
+def graph_time_ms(fn: Callable[[], None], reps: int = 7) -> float:
+    """Median time (ms) of one replay of a CUDA graph of ``fn`` (its launches back to back, as an
+    engine's captured step runs them); the first call warms up outside the graph."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(g, stream=stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
 
 
 @dataclass
@@ -90,11 +121,14 @@ class Tuner:
     """Picks, per key, the fastest of some launch configs by timing them once (median of a few runs).
 
     ``run(config)`` must launch the op on scratch outputs. Under the interpreter, or with one
-    candidate, the first candidate is taken untimed. Times are kept in ``timings`` for reports.
+    candidate, the first candidate is taken untimed. ``graph``: time ``run`` as a CUDA graph
+    replayed back to back (``graph_time_ms``) instead of ``triton.testing.do_bench`` (which clears
+    the L2 before each launch). Times are kept in ``timings`` for reports.
     """
 
     best: dict = None  # type: ignore[assignment]
     timings: dict = None  # type: ignore[assignment]
+    graph: bool = False
 
     def __post_init__(self) -> None:
         self.best, self.timings = {}, {}
@@ -110,7 +144,10 @@ class Tuner:
         times = {}
         for c in candidates:
             try:
-                times[c] = do_bench(lambda c=c: run(c), warmup=3, rep=12, return_mode="median")
+                if self.graph:
+                    times[c] = graph_time_ms(lambda c=c: run(c))
+                else:
+                    times[c] = do_bench(lambda c=c: run(c), warmup=3, rep=12, return_mode="median")
             except Exception as exc:  # a config the compiler rejects (resources) is skipped
                 if "out of resource" not in str(exc).lower() and "OutOfResources" not in type(exc).__name__:
                     raise

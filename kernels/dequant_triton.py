@@ -142,13 +142,19 @@ def _dequant_tile(
 def _segment(seg_ptr, S, S_P2: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's work item (axis 1): slot, first and end position of its tokens in the plan's
     order, and the number of work items in use (programs at or past it have none and must exit)."""
+    return _segment_at(seg_ptr, S, S_P2, BLOCK_M, tl.program_id(1))
+
+
+@triton.jit
+def _segment_at(seg_ptr, S, S_P2: tl.constexpr, BLOCK_M: tl.constexpr, w):
+    """Work item ``w``: slot, first and end position of its tokens in the plan's order, and the
+    number of work items in use (for w at or past it the slot is S: no item)."""
     offs_s = tl.arange(0, S_P2)
     smask = offs_s < S
     lo = tl.load(seg_ptr + offs_s, mask=smask, other=0)
     hi = tl.load(seg_ptr + offs_s + 1, mask=smask, other=0)
     nb = (hi - lo + BLOCK_M - 1) // BLOCK_M
     cum = tl.cumsum(nb, axis=0)
-    w = tl.program_id(1)
     s = tl.sum((cum <= w).to(tl.int32), axis=0)
     sel = offs_s == s
     seg_hi = tl.sum(tl.where(sel, hi, 0), axis=0)

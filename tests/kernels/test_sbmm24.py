@@ -7,7 +7,7 @@ import pytest
 import torch
 from deltahub.kernels import layout as L
 from deltahub.kernels import plan, reference
-from deltahub.kernels.sbmm24 import Config, permute_x, sbmm_device
+from deltahub.kernels.sbmm24 import Config, decode_plan, permute_x, sbmm_device
 
 from deltahub import kernels as K
 from deltahub.errors import CodecError, ShapeMismatchError
@@ -151,6 +151,42 @@ def test_sbmm_device_even_shapes_several_blocks_and_plan():
     """K a multiple of the unit (loads without masks), several output blocks, a given plan."""
     _run(4, "zipf", torch.bfloat16, t=37, s=5, n=96, k=512, config=Config(16, 4), own_plan=True)
     _run(2, "hot_base", torch.float16, t=5, s=12, n=40, k=256, config=Config(8, 2))
+
+
+@pytest.mark.parametrize("programs", [1, 3, 7, 500])
+def test_sbmm_device_stream_k_grid(programs):
+    """Stream-K: each program runs an equal share of all (work item, row block, step) units, so
+    tasks are cut anywhere (pieces add atomically); more programs than units leave some idle."""
+    cfg = Config(8, 4, stream=programs)
+    _run(4, "zipf", torch.bfloat16, t=37, s=5, n=96, k=512, config=cfg, seed=programs)
+    _run(2, "hot_base", torch.float16, t=9, s=6, n=70, k=300, group_size=128, config=cfg, seed=programs)
+
+
+@pytest.mark.parametrize("f16", [False, True])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_decode_plan_gives_two_times_code_minus_zero_exactly(bits, f16):
+    """The PTX decode's arithmetic, emulated: shift, mask | magic, then one fma of the 16-bit
+    halves must give 2 (c - z) exactly for every code of both halves (the asm is rendered from
+    this plan; the GPU tests run it)."""
+    dt = torch.float16 if f16 else torch.bfloat16
+    w = torch.randint(0, 2**32, (4096,), generator=torch.Generator().manual_seed(bits), dtype=torch.int64)
+
+    def halves(v: int | torch.Tensor) -> torch.Tensor:  # packed pair -> [.., 2] float64 (low, high)
+        v = torch.as_tensor(v, dtype=torch.int64)
+        pair = torch.stack([v & 0xFFFF, v >> 16], -1)
+        return (pair - (pair >= 2**15) * 2**16).to(torch.int16).view(dt).double()
+
+    for kk in (0, 1):
+        plan_ = decode_plan(bits, f16, kk)
+        n_shifts = len({op.shift for op in plan_} - {0})
+        assert n_shifts == {(2, False): 2, (2, True): 1, (4, False): 4, (4, True): 2}[(bits, f16)]
+        for i, op in enumerate(plan_):
+            t = (w >> op.shift if op.shift >= 0 else w << -op.shift) & 0xFFFFFFFF
+            got = halves((t & op.mask) | op.magic) * halves(op.mult) + halves(op.add)
+            o = 4 * i if bits == 4 else 2 * (4 * kk + i)
+            c = torch.stack([(w >> o) & (2**bits - 1), (w >> (o + 16)) & (2**bits - 1)], -1)
+            assert torch.equal(got, 2 * c.double() - (2**bits - 1)), (kk, i, op)
+            assert torch.equal(got.to(dt).double(), got)  # the one rounding of the fma is exact
 
 
 def test_permute_x_makes_each_b_fragment_contiguous():
