@@ -148,6 +148,35 @@ def test_scale_search_clips_heavy_tailed_rows_below_half_the_max():
     assert sq_error(s) < 0.8 * sq_error(w.abs().amax(1, keepdim=True) * 0.52 / 1.5)
 
 
+def test_one_bit_scale_is_twice_the_mean_magnitude_of_the_kept_entries():
+    """At 1 bit the codes are the signs whatever the scale, and ±mean|w| is the least-squares
+    value: the search returns scale 2 mean|w| per (row, group) over the kept entries, with less
+    error than any clipping ratio of the grid (on long heavy-tailed rows, far less: their mean|w|
+    is below 0.12 absmax, where the grid stops)."""
+    from deltahub.codecs.base import CLIP_RATIOS, search_scales
+
+    torch.manual_seed(6)
+    w = torch.distributions.StudentT(3.0).sample((32, 256))
+    w[3] = 0.0  # a dead row keeps scale 0
+    keep = torch.rand(32, 256) < 0.5
+    gidx = torch.arange(256) // 128
+    s = search_scales(w, keep, 1, gidx, 2)
+    kept = keep.reshape(32, 2, 128)
+    torch.testing.assert_close(s, 2 * (w.abs().reshape(32, 2, 128) * kept).sum(2) / kept.sum(2))
+    assert bool((s[3] == 0).all())
+
+    w = torch.distributions.StudentT(3.0).sample((32, 4096))
+    s = search_scales(w, None, 1, torch.zeros(4096, dtype=torch.int64), 1)
+
+    def row_error(scales):
+        return (fmt.dequantize_codes(fmt.quantize_codes(w, scales, 1), scales, 1) - w).square().sum(1)
+
+    absmax = w.abs().amax(1, keepdim=True)
+    grid_best = torch.stack([row_error(absmax * r / 0.5) for r in CLIP_RATIOS]).amin(0)
+    assert bool((row_error(s) <= grid_best).all())
+    assert float(row_error(s).sum()) < 0.6 * float(grid_best.sum())
+
+
 def test_act_order_permutes_whole_groups_and_stores_in_input_order():
     """Groups of 4 inputs are processed by decreasing Hessian diagonal, but the stored 2:4
     positions stay in the input order: compressing a delta whose inputs were permuted group-wise

@@ -89,9 +89,13 @@ ABLATIONS = [
     # bitdelta's bytes (1 bit per weight, dense) with obs's per-row scales and error feedback
     ("obs 1-bit dense", "obs", 1, "none", {}),
     ("obs 1-bit dense + scale distillation", "obs", 1, "none", {"distill": True}),
-    # not run yet: the same bytes without error feedback (is feedback what loses to bitdelta at 1 bit?)
+    # the same bytes without error feedback (is feedback what loses to bitdelta at 1 bit?)
     ("rtn 1-bit dense", "rtn", 1, "none", {}),
     ("rtn 1-bit dense + scale distillation", "rtn", 1, "none", {"distill": True}),
+    # session 4: between the two, feedback damped (damp x mean diag(H) added to H; 0.01 by default)
+    ("obs 1-bit dense damp 1", "obs", 1, "none", {"damp": 1.0}),
+    ("obs 1-bit dense damp 1 + scale distillation", "obs", 1, "none", {"damp": 1.0, "distill": True}),
+    ("obs 1-bit dense damp 10 + scale distillation", "obs", 1, "none", {"damp": 10.0, "distill": True}),
 ]
 # run options, not codec options
 RUN_OPTIONS = ("distill", "distill_samples", "distill_steps", "budget_of", "calib_samples", "group_size",
