@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from deltahub.kernels import layout as L
 from deltahub.kernels import plan, reference, sbmm24
+from deltahub.kernels._common import graph_time_ms
 from deltahub.kernels.sgmv import sgmv
 
 from deltahub.format import QuantLayout, _to_int32
@@ -85,30 +86,9 @@ def zipf_slots(b, n, gen=CPU_GEN):
 
 
 def graph_time_us(calls, reps=7):
-    """Median time per call (us) of a CUDA graph replaying ``calls`` in order."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / len(calls))
-    del g
-    return statistics.median(times)
+    """Median time per call (us) of a CUDA graph replaying ``calls`` in order (the autotuner's
+    timing, ``kernels._common.graph_time_ms``)."""
+    return graph_time_ms(lambda: [c() for c in calls], reps) * 1000 / len(calls)
 
 
 def ceilings():

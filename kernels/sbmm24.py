@@ -7,10 +7,12 @@ On CUDA the 2:4 structure goes to the sparse tensor cores: every warp runs ``mma
 stored positions as its metadata and 8 tokens of x as B. The layout stores each thread's registers
 in the order it holds them, so the kernel's tensors are [threads, 4] (one row per thread: Triton's
 blocked layout with 4 elements per thread, which ``pack=4`` hands to the asm whole) and the decode
-is 3 instructions per 2 kept values: a shift, a LOP3 into the mantissa of 129 and one packed FMA,
-giving ``2 (c - z)`` exactly (the 1/2 goes into the row scale). No placement of the pairs, no masks.
+is a LOP3 into the mantissa of 128 (1024 in fp16) and one packed FMA per 2 kept values, plus a
+shift shared by the registers whose codes fit one window (``decode_plan``), giving ``2 (c - z)``
+exactly (the 1/2 goes into the row scale). No placement of the pairs, no masks. Grids: one task
+(work item x group of row blocks) per program, split-K, or stream-K (equal shares per program).
 Under TRITON_INTERPRET=1 (no asm) a plain-Triton kernel decodes the same layout into dense tiles
-(``_sbmm24_interp_kernel``), which the CPU tests check.
+(``_sbmm24_interp_kernel``, same grids but split-K), which the CPU tests check.
 """
 
 from __future__ import annotations

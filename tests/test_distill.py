@@ -47,6 +47,21 @@ def test_per_scale_distillation_of_a_24_delta_lowers_kl(toy_models, toy_deltas, 
     assert kl1 < 0.9 * kl0, (kl0, kl1)
 
 
+def test_per_matrix_distillation_moves_every_row_of_a_matrix_alike(toy_models, toy_deltas, tmp_path):
+    """per_matrix=True gives any qlinear codec bitdelta's granularity: one factor per matrix
+    (rows keep their ratios), and bitdelta's default learning rate."""
+    folder = tmp_path / "d"
+    shutil.copytree(toy_deltas["upper"], folder)
+    name = "model.layers.0.mlp.down_proj.weight"
+    before = DeltaReader(folder).read(name)
+    rec = distill_scales(folder, base=toy_models["base"], finetuned=toy_models["upper"], steps=5,
+                         samples=8, seq_len=64, batch_size=4, per_matrix=True)
+    assert rec["factors"] == rec["tensors"] and rec["lr"] == 0.02 and rec["per_matrix"]
+    ratio = DeltaReader(folder).read(name).parts["scales"] / before.parts["scales"]
+    first = float(ratio.flatten()[0])
+    assert float((ratio - first).abs().max()) < 1e-5 and abs(first - 1) > 1e-4
+
+
 def test_compress_distill_steps_option(toy_models, tmp_path):
     from deltahub.cli.main import main
 

@@ -96,10 +96,19 @@ ABLATIONS = [
     ("obs 1-bit dense damp 1", "obs", 1, "none", {"damp": 1.0}),
     ("obs 1-bit dense damp 1 + scale distillation", "obs", 1, "none", {"damp": 1.0, "distill": True}),
     ("obs 1-bit dense damp 10 + scale distillation", "obs", 1, "none", {"damp": 10.0, "distill": True}),
+    # runs 6-7: undistilled, every 1-bit variant ~ bitdelta; distilled, per-row factors lose. Next:
+    # bitdelta's granularity (one factor per matrix) or its learning rate for the per-row codecs
+    ("obs 1-bit dense + scale distillation per matrix", "obs", 1, "none",
+     {"distill": True, "distill_per_matrix": True}),
+    ("rtn 1-bit dense + scale distillation per matrix", "rtn", 1, "none",
+     {"distill": True, "distill_per_matrix": True}),
+    ("obs 1-bit dense + scale distillation lr 0.02", "obs", 1, "none", {"distill": True, "distill_lr": 0.02}),
+    ("obs 2-bit 2:4 + scale distillation per matrix", "obs", 2, "2:4",
+     {"distill": True, "distill_per_matrix": True}),
 ]
 # run options, not codec options
-RUN_OPTIONS = ("distill", "distill_samples", "distill_steps", "budget_of", "calib_samples", "group_size",
-               "vocab_bits", "vocab_sparsity")
+RUN_OPTIONS = ("distill", "distill_samples", "distill_steps", "distill_per_matrix", "distill_lr", "budget_of",
+               "calib_samples", "group_size", "vocab_bits", "vocab_sparsity")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +266,8 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
             calibration_data=cfg.calibration_data,
             steps=options.get("distill_steps", a["distill_steps"]),
             samples=options.get("distill_samples", 64),
+            per_matrix=options.get("distill_per_matrix"),
+            lr=options.get("distill_lr"),
             device=a["device"],
         )
         from deltahub.store import DeltaReader
