@@ -174,7 +174,7 @@ def search_scales(w: torch.Tensor, keep: torch.Tensor | None, bits: int, gidx: t
     column -> scales [N, n_groups] float32. Candidates are ``ratio * absmax / max_level``
     (clipping); groups with no non-zero kept entry get scale 0. One bit has a closed form: the
     codes are the signs whatever the scale, and ±mean|w| (scale 2 mean|w|) minimises the error
-    (the clipping grid stops at 0.12 absmax, far above mean|w| for a heavy-tailed delta).
+    (the clipping grid stops at 0.12 absmax, above mean|w| for long heavy-tailed rows).
     """
     a = w.abs() if keep is None else w.abs() * keep
     if n_groups == 1:
