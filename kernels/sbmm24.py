@@ -407,26 +407,21 @@ def _task(
     ld = (wb, xb0, xm0, xb1, xm1)
     cst = (blk, g, i4, N, sc_base, s_sn, n_groups)
     nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)
-    if DEPTH == 4:
+    if DEPTH >= 3:  # DEPTH - 1 buffers (nxt, two[, three]), each refilled right after its step
+        NBUF: tl.constexpr = DEPTH - 1
         two = _load_step(*ld, tl.minimum(u_lo + 1, last), BITS, BLOCK_M)
-        three = _load_step(*ld, tl.minimum(u_lo + 2, last), BITS, BLOCK_M)
-        for u in range(u_lo, u_hi, 3):
+        if DEPTH == 4:
+            three = _load_step(*ld, tl.minimum(u_lo + 2, last), BITS, BLOCK_M)
+        for u in range(u_lo, u_hi, NBUF):
             acc = _step(acc, nxt, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
-            nxt = _load_step(*ld, tl.minimum(u + 3, last), BITS, BLOCK_M)
+            nxt = _load_step(*ld, tl.minimum(u + NBUF, last), BITS, BLOCK_M)
             if u + 1 < u_hi:
                 acc = _step(acc, two, u + 1, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
-            two = _load_step(*ld, tl.minimum(u + 4, last), BITS, BLOCK_M)
-            if u + 2 < u_hi:
-                acc = _step(acc, three, u + 2, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
-            three = _load_step(*ld, tl.minimum(u + 5, last), BITS, BLOCK_M)
-    elif DEPTH == 3:
-        two = _load_step(*ld, tl.minimum(u_lo + 1, last), BITS, BLOCK_M)
-        for u in range(u_lo, u_hi, 2):
-            acc = _step(acc, nxt, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
-            nxt = _load_step(*ld, tl.minimum(u + 2, last), BITS, BLOCK_M)
-            if u + 1 < u_hi:
-                acc = _step(acc, two, u + 1, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
-            two = _load_step(*ld, tl.minimum(u + 3, last), BITS, BLOCK_M)
+            two = _load_step(*ld, tl.minimum(u + 1 + NBUF, last), BITS, BLOCK_M)
+            if DEPTH == 4:
+                if u + 2 < u_hi:
+                    acc = _step(acc, three, u + 2, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
+                three = _load_step(*ld, tl.minimum(u + 2 + NBUF, last), BITS, BLOCK_M)
     elif DEPTH == 2:
         two = _load_step(*ld, tl.minimum(u_lo + 1, last), BITS, BLOCK_M)
         for u in range(u_lo, u_hi):
