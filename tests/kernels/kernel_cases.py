@@ -45,3 +45,26 @@ def make_slots(spread: str, t: int, s: int, gen: torch.Generator) -> torch.Tenso
     else:
         raise ValueError(spread)
     return slot.to(torch.int32)
+
+
+def poisoned(t: int, n: int, slot: torch.Tensor, dtype: torch.dtype, gen: torch.Generator,
+             device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(init, out) [t, n]: random outputs with NaN in the rows of base-only tokens (they must stay
+    untouched; the others must get exactly += the delta), and a copy for the kernel to write."""
+    init = (torch.randn(t, n, generator=gen) * 0.1).to(dtype).to(device)
+    init[slot < 0] = float("nan")
+    return init, init.clone()
+
+
+def assert_added(init: torch.Tensor, out: torch.Tensor, y: torch.Tensor, slot: torch.Tensor, tol: float,
+                 what: str = "") -> None:
+    """out = init + y on the delta tokens (max error within ``tol`` x max |init + y|), base-only rows
+    untouched (still NaN), every delta row written."""
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    base = slot < 0
+    assert bool(out[base].isnan().all()), "base-only row written"
+    want, got = init[~base].float() + y[~base], out[~base].float()
+    assert got.numel() > 0 and not got.isnan().any(), "a row with a slot was not written"
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
+    assert err <= tol, f"{what} max rel err {err:.2e}"

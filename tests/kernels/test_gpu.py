@@ -11,7 +11,7 @@ from deltahub.kernels import reference
 
 from deltahub.format import QuantLayout
 
-from .kernel_cases import make_slots, make_stack
+from .kernel_cases import assert_added, make_slots, make_stack, poisoned
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,24 +34,6 @@ LAYOUTS = [  # the ones the benchmark does not run first
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3, torch.float32: 2e-5}
 
 
-def _poisoned(t, n, slot, dtype, gen):
-    """(init, out): random outputs on the GPU with NaN in the rows of base-only tokens, and a copy."""
-    init = (torch.randn(t, n, generator=gen) * 0.1).to(dtype).cuda()
-    init[slot < 0] = float("nan")
-    return init, init.clone()
-
-
-def _assert_added(init, out, y, slot, dtype, what):
-    """out = init + y on the delta tokens (relative max error within TOL), base-only rows untouched."""
-    torch.cuda.synchronize()
-    base = slot < 0
-    assert bool(out[base].isnan().all())
-    want, got = init[~base].float() + y[~base], out[~base].float()
-    assert not got.isnan().any()
-    err = ((got - want).abs().max() / want.abs().max()).item()
-    assert err <= TOL[dtype], f"{what}: max err {err:.2e}"
-
-
 def _check(layout, dtype, t, config, spread="zipf", s=16, n=304, k=1008):
     # sizes % 16 == 0 like the benchmark's, so both share compiled kernels; 304, 1008 still cut blocks
     from deltahub.kernels.sbmm import sbmm
@@ -69,9 +51,9 @@ def _check(layout, dtype, t, config, spread="zipf", s=16, n=304, k=1008):
         qweight_hi=st.get("qweight_hi"),
     )
     y = reference.sbmm(x.float(), st["qweight"], st["scales"], slot, **kw)
-    init, out = _poisoned(t, n, slot, dtype, gen)
+    init, out = poisoned(t, n, slot, dtype, gen, "cuda")
     sbmm(x, st["qweight"], st["scales"], slot, **kw, out=out, config=config)
-    _assert_added(init, out, y, slot, dtype, f"{layout} {dtype} T={t} {config}")
+    assert_added(init, out, y, slot, TOL[dtype], f"{layout} {dtype} T={t} {config}")
 
 
 @pytest.mark.parametrize(("bits", "sparsity", "group_size"), LAYOUTS)
@@ -144,11 +126,11 @@ def _check_device_layout(bits, dtype, t, config, group_size=None, k=1024, n=304,
     slot = make_slots(spread, t, s, gen).cuda()
     kw = dict(bits=bits, sparse=True, group_size=group_size, k=k, meta=st["meta"])
     y = reference.sbmm(x.float(), st["qweight"], st["scales"], slot, **kw)
-    init, out = _poisoned(t, n, slot, dtype, gen)
+    init, out = poisoned(t, n, slot, dtype, gen, "cuda")
     sbmm_device(
         x, dev["dw"], dev["scales"], slot, bits=bits, group_size=group_size, k=k, out=out, config=config
     )
-    _assert_added(init, out, y, slot, dtype, f"bits={bits} {dtype} T={t} {config} g={group_size} k={k}")
+    assert_added(init, out, y, slot, TOL[dtype], f"bits={bits} {dtype} T={t} {config} g={group_size} k={k}")
 
 
 @pytest.mark.parametrize("bits", [4, 2])

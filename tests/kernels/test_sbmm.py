@@ -11,7 +11,7 @@ from deltahub.kernels.sbmm import Config, sbmm
 from deltahub.errors import CodecError, ShapeMismatchError
 from deltahub.format import QuantLayout
 
-from .kernel_cases import SPREADS, make_slots, make_stack
+from .kernel_cases import SPREADS, assert_added, make_slots, make_stack, poisoned
 
 LAYOUTS = [
     (2, "2:4"),
@@ -40,10 +40,7 @@ def _run(layout, spread, dtype, *, t=13, s=4, n=70, k=200, config=None, seed=0, 
         qweight_hi=st.get("qweight_hi"),
     )
     y = reference.sbmm(x.float(), st["qweight"], st["scales"], slot, **kw)
-    # poison: base-only rows NaN (must stay untouched), the others random (must get exactly += y)
-    init = (torch.randn(t, n, generator=gen) * 0.1).to(dtype)
-    init[slot < 0] = float("nan")
-    out = init.clone()
+    init, out = poisoned(t, n, slot, dtype, gen)
     sbmm(
         x,
         st["qweight"],
@@ -54,16 +51,7 @@ def _run(layout, spread, dtype, *, t=13, s=4, n=70, k=200, config=None, seed=0, 
         config=config,
         plan_=plan(slot, s) if own_plan else None,
     )
-    base = slot < 0
-    assert torch.equal(out[base].isnan(), torch.ones_like(out[base], dtype=torch.bool)), (
-        "base-only row written"
-    )
-    want = init[~base].float() + y[~base]
-    got = out[~base].float()
-    assert got.numel() > 0 and not got.isnan().any(), "a row with a slot was not written"
-    scale = want.abs().max().clamp_min(1e-6)
-    assert (got - want).abs().max() <= TOL[dtype] * scale, f"max err {(got - want).abs().max() / scale:.2e}"
-
+    assert_added(init, out, y, slot, TOL[dtype])
 
 @pytest.mark.parametrize("spread", SPREADS)
 @pytest.mark.parametrize(("bits", "sparsity"), LAYOUTS)

@@ -13,7 +13,7 @@ from deltahub import kernels as K
 from deltahub.errors import CodecError, ShapeMismatchError
 from deltahub.format import QuantLayout
 
-from .kernel_cases import SPREADS, make_slots, make_stack
+from .kernel_cases import SPREADS, assert_added, make_slots, make_stack, poisoned
 
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
@@ -112,9 +112,7 @@ def _run(
     slot = make_slots(spread, t, s, gen)
     kw = dict(bits=bits, sparse=True, group_size=group_size, k=k, meta=st["meta"])
     y = reference.sbmm(x.float(), st["qweight"], st["scales"], slot, **kw)
-    init = (torch.randn(t, n, generator=gen) * 0.1).to(dtype)
-    init[slot < 0] = float("nan")  # base-only rows must stay untouched, the others get exactly += y
-    out = init.clone()
+    init, out = poisoned(t, n, slot, dtype, gen)
     sbmm_device(
         x,
         dev["dw"],
@@ -127,13 +125,7 @@ def _run(
         config=config,
         plan_=plan(slot, s) if own_plan else None,
     )
-    base = slot < 0
-    assert bool(out[base].isnan().all()), "base-only row written"
-    want, got = init[~base].float() + y[~base], out[~base].float()
-    assert got.numel() > 0 and not got.isnan().any(), "a row with a slot was not written"
-    err = (got - want).abs().max() / want.abs().max().clamp_min(1e-6)
-    assert err <= TOL[dtype], f"max rel err {err:.2e}"
-
+    assert_added(init, out, y, slot, TOL[dtype])
 
 @pytest.mark.parametrize("spread", SPREADS)
 @pytest.mark.parametrize("bits", [2, 4])
