@@ -664,13 +664,14 @@ class Config(NamedTuple):
     maxnreg: int | None = None
 
 
-# Candidates for Hopper (benchmarks/NOTES-sbmm.md: the H200 sweep of every config on the target
-# cases, 2026-11-28 session 4): two buffers taking turns (depth 3) won 18 of 30 cases and was within
-# 5 % of the best on average; depth 1 at N = 64; BM 16 when slots hold many tokens. With few slots
-# (N = 16) the grid has ~2 programs per SM and each warp waits on its own loads (ncu: 8.3 cycles
-# between issues, 12 % occupancy), so split-K 2 and stream-K grids (equal shares per SM whatever
-# the spread, as many programs per SM as fit at once: the stream loop takes 128 registers at BM 8
-# uncapped, capped at 96 no spills in the K loop) add warps; stream-K won 8 of 30, mostly K = 11008.
+# Candidates for Hopper (benchmarks/NOTES-sbmm.md: the H200 sweep of every config on the 30 target
+# cases, run E of 2026-11-28 session 4): buffers taking turns won 23 (depth 4: 13, depth 3: 10),
+# split-K 2 3 (K = 11008), depth 1 2 (4096², N = 64), stream-K 2 (K = 11008, N = 16). With few
+# slots the grid has ~2 programs per SM and each warp waits on its own loads (ncu: 8.3 cycles
+# between issues, 12 % occupancy); split-K 2 and stream-K grids (equal shares per SM whatever the
+# spread, as many programs per SM as fit at once: the stream loop takes 128 registers at BM 8
+# uncapped, capped at 96 no spills in the K loop) add warps. BM 16 when slots hold many tokens;
+# split-K 8-16 only for few live slots.
 DECODE_CONFIGS = [
     Config(8, 4, depth=3),
     Config(8, 4, depth=4),
