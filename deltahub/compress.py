@@ -65,6 +65,7 @@ class CompressConfig:
     batch_tokens: int | None = None  # calibration tokens per forward batch (None: 1024 CPU, 8192 GPU)
     options: dict[str, Any] = field(default_factory=dict)  # codec-specific (e.g. damp)
     distill_steps: int = 0  # > 0: tune the scales against the fine-tune's logits (deltahub.distill)
+    distill_per_row: bool = False  # one distilled factor per stored scale, not per matrix
     vocab_bits: int | None = None  # bits of the embedding and lm_head deltas (None: ``bits``)
     vocab_sparsity: str | None = None  # their sparsity (None: ``sparsity``)
 
@@ -350,7 +351,7 @@ def compress(base: str | Path, finetuned: str | Path, output: str | Path,
         from deltahub.store import DeltaReader
 
         distill_scales(out, base=b.path, finetuned=f.path, calibration_data=cfg.calibration_data,
-                       steps=cfg.distill_steps, device=str(device))
+                       steps=cfg.distill_steps, per_matrix=not cfg.distill_per_row, device=str(device))
         result = DeltaReader(out).config
     return result
 

@@ -81,16 +81,17 @@ def distill_scales(
     steps: int = 100,
     batch_size: int = 4,
     lr: float | None = None,
-    per_matrix: bool | None = None,
+    per_matrix: bool = True,
     device: str = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
     """Train the scales of every qlinear tensor of the delta folder ``delta`` against the
     fine-tune's logits and rewrite the folder in place. ``base``/``finetuned``: model folders.
 
-    ``per_matrix``: one factor per matrix (True), one per stored scale (False), or the codec's
-    own (None: per matrix for ``bitdelta`` only). ``lr`` defaults to 0.02 when every tuned tensor
-    has one factor, else 0.005. Returns {"steps", "kl_first", "kl_last", "tensors", "factors", ...};
+    ``per_matrix``: one factor per matrix (default; better than one per row for every codec
+    measured, 1 and 2 bits: docs/benchmarks/README.md run 8) or one per stored scale (False).
+    ``lr`` defaults to 0.02 with one factor per matrix, else 0.005. Returns {"steps", "kl_first",
+    "kl_last", "tensors", "factors", ...};
     the same record lands in delta_config.json under compression["distill"].
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,9 +108,8 @@ def distill_scales(
     train = [n for n, p in packed.items() if p.kind == "qlinear" and "extra_rows" not in p.parts]
     if not train:
         return {"steps": 0, "tensors": 0}
-    one = {n: packed[n].codec == "bitdelta" if per_matrix is None else per_matrix for n in train}
     if lr is None:
-        lr = 0.02 if all(one.values()) else 0.005
+        lr = 0.02 if per_matrix else 0.005
 
     dev = torch.device(device)
     student = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).to(dev).eval()
@@ -121,7 +121,7 @@ def distill_scales(
         for name, p in packed.items():
             if name not in train and name in params and "extra_rows" not in p.parts:
                 params[name].add_(fmt.dequantize(p).reshape(params[name].shape).to(dev))
-    tensors = {n: _Scaled(packed[n], one[n], dev) for n in train}
+    tensors = {n: _Scaled(packed[n], per_matrix, dev) for n in train}
     factors = {n: torch.zeros(t.shape, device=dev, requires_grad=True) for n, t in tensors.items()}
     opt = torch.optim.Adam(list(factors.values()), lr=lr)
 
@@ -153,7 +153,7 @@ def distill_scales(
     record = {
         "steps": steps,
         "lr": lr,
-        "per_matrix": all(one.values()),
+        "per_matrix": per_matrix,
         "batch_size": batch_size,
         "seq_len": seq_len,
         "samples": samples,

@@ -32,7 +32,7 @@ def test_per_scale_distillation_of_a_24_delta_lowers_kl(toy_models, toy_deltas, 
     kl0 = _kl_to_finetune(reconstruct(folder, tmp_path / "r0", base=toy_models["base"], progress=False),
                           toy_models["upper"], ids)
     rec = distill_scales(folder, base=toy_models["base"], finetuned=toy_models["upper"], steps=30,
-                         samples=8, seq_len=64, batch_size=4, lr=0.02)
+                         samples=8, seq_len=64, batch_size=4, lr=0.02, per_matrix=False)
     assert rec["tensors"] > 0 and rec["factors"] > rec["tensors"]  # one factor per row, not per matrix
     reader = DeltaReader(folder)
     reader.verify()
@@ -48,14 +48,14 @@ def test_per_scale_distillation_of_a_24_delta_lowers_kl(toy_models, toy_deltas, 
 
 
 def test_per_matrix_distillation_moves_every_row_of_a_matrix_alike(toy_models, toy_deltas, tmp_path):
-    """per_matrix=True gives any qlinear codec bitdelta's granularity: one factor per matrix
-    (rows keep their ratios), and bitdelta's default learning rate."""
+    """By default every qlinear codec gets bitdelta's granularity: one factor per matrix (rows keep
+    their ratios), at learning rate 0.02."""
     folder = tmp_path / "d"
     shutil.copytree(toy_deltas["upper"], folder)
     name = "model.layers.0.mlp.down_proj.weight"
     before = DeltaReader(folder).read(name)
     rec = distill_scales(folder, base=toy_models["base"], finetuned=toy_models["upper"], steps=5,
-                         samples=8, seq_len=64, batch_size=4, per_matrix=True)
+                         samples=8, seq_len=64, batch_size=4)
     assert rec["factors"] == rec["tensors"] and rec["lr"] == 0.02 and rec["per_matrix"]
     ratio = DeltaReader(folder).read(name).parts["scales"] / before.parts["scales"]
     first = float(ratio.flatten()[0])
@@ -70,7 +70,11 @@ def test_compress_distill_steps_option(toy_models, tmp_path):
                "--output", str(out), "--method", "rtn", "--bits", "2", "--distill-steps", "3"])
     assert rc == 0
     cfg = DeltaReader(out).config
-    assert cfg.compression["distill"]["steps"] == 3
+    assert cfg.compression["distill"]["steps"] == 3 and cfg.compression["distill"]["per_matrix"]
     assert cfg.stats["payload_bytes"] == sum(r["stored_bytes"] for r in cfg.storage.values())
+    assert main(["compress", "--base", str(toy_models["base"]), "--finetuned", str(toy_models["upper"]),
+                 "--output", str(tmp_path / "r"), "--method", "rtn", "--bits", "2", "--distill-steps", "2",
+                 "--distill-per-row"]) == 0
+    assert not DeltaReader(tmp_path / "r").config.compression["distill"]["per_matrix"]
     assert main(["compress", "--base", str(toy_models["base"]), "--finetuned", str(toy_models["upper"]),
                  "--output", str(tmp_path / "e"), "--distill-steps", "-1"]) == 1

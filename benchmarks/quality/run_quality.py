@@ -102,10 +102,14 @@ ABLATIONS = [
      {"distill": True, "distill_per_matrix": True}),
     ("rtn 1-bit dense + scale distillation per matrix", "rtn", 1, "none",
      {"distill": True, "distill_per_matrix": True}),
-    ("obs 1-bit dense + scale distillation lr 0.02", "obs", 1, "none", {"distill": True, "distill_lr": 0.02}),
+    ("obs 1-bit dense + scale distillation lr 0.02", "obs", 1, "none",
+     {"distill": True, "distill_lr": 0.02, "distill_per_matrix": False}),
     ("obs 2-bit 2:4 + scale distillation per matrix", "obs", 2, "2:4",
      {"distill": True, "distill_per_matrix": True}),
 ]
+# Distillation trains one factor per matrix unless a row sets distill_per_matrix False: the library
+# default since run 8 (per matrix won at 1 and 2 bits). Runs 3-7 trained one factor per row for
+# every codec but bitdelta (the default then); each row's "distill" record says which.
 # run options, not codec options
 RUN_OPTIONS = ("distill", "distill_samples", "distill_steps", "distill_per_matrix", "distill_lr", "budget_of",
                "calib_samples", "group_size", "vocab_bits", "vocab_sparsity")
@@ -266,7 +270,7 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
             calibration_data=cfg.calibration_data,
             steps=options.get("distill_steps", a["distill_steps"]),
             samples=options.get("distill_samples", 64),
-            per_matrix=options.get("distill_per_matrix"),
+            per_matrix=options.get("distill_per_matrix", True),
             lr=options.get("distill_lr"),
             device=a["device"],
         )
