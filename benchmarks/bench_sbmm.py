@@ -2,7 +2,7 @@
 """SBMM / SGMV benchmark on a CUDA GPU -> sbmm.json + sbmm.png (docs/benchmarks/).
 
 Usage: python benchmarks/bench_sbmm.py [--out DIR] [--quick] [--layouts 4:2:4,2:2:4] [--plot-from JSON]
-       python benchmarks/bench_sbmm.py --one BITS,K,N,B,ND[,CONFIG]   (one case, for ncu)
+       python benchmarks/bench_sbmm.py --one BITS,K,N,B,ND[,CONFIG]   (one case, for ncu; maxnreg 0 = none)
 
 Builds random packed deltas of Llama-2-7B projection shapes on the device (valid 2:4 positions, random
 codes, per-row scales; 2:4 2/4-bit ones repacked into the GPU slot layout, kernels/layout.py, and run
@@ -469,7 +469,10 @@ def one_case(spec: str) -> int:
     lay = QuantLayout(bits, "2:4")
     gen = torch.Generator(device=DEV).manual_seed(0)
     run = kernel_for(random_stack(POOL, n, k, lay, gen), lay, k, n)[0]
-    cfg = sbmm24.Config(*vals[5:]) if len(vals) > 5 else sbmm24.DECODE_CONFIGS[0]
+    fields: list = vals[5:]
+    if len(fields) > 5 and fields[5] == 0:  # maxnreg 0: no cap
+        fields[5] = None
+    cfg = sbmm24.Config(*fields) if fields else sbmm24.DECODE_CONFIGS[0]
     x = torch.randn(b, k, device=DEV, dtype=torch.bfloat16)
     out = torch.zeros(b, n, device=DEV, dtype=torch.bfloat16)
     slot = zipf_slots(b, nd).to(DEV)

@@ -10,7 +10,9 @@ blocked layout with 4 elements per thread, which ``pack=4`` hands to the asm who
 is a LOP3 into the mantissa of 128 (1024 in fp16) and one packed FMA per 2 kept values, plus a
 shift shared by the registers whose codes fit one window (``decode_plan``), giving ``2 (c - z)``
 exactly (the 1/2 goes into the row scale). No placement of the pairs, no masks. Grids: one task
-(work item x group of row blocks) per program, split-K, or stream-K (equal shares per program).
+(work item x group of row blocks) per program, split-K, or stream-K (equal shares per program);
+pieces of a task add into out with packed 16-bit reductions (``_red_add``). Loads run ahead in
+registers (``Config.depth``) or through a shared-memory ring (``Config.stages``).
 Under TRITON_INTERPRET=1 (no asm) a plain-Triton kernel decodes the same layout into dense tiles
 (``_sbmm24_interp_kernel``, same grids but split-K), which the CPU tests check.
 """
@@ -208,6 +210,67 @@ def _load_step(wb, xb0, xm0, xb1, xm1, u, BITS: tl.constexpr, BLOCK_M: tl.conste
     return cw_a, cw_b, mw, x0, x1, y0, y1
 
 
+def _red_pairs_asm(f16: bool) -> str:
+    """PTX: add a thread's 4 accumulator values ($4..$7, fp32; element i = row R + 8 (i // 2),
+    token 2p + i % 2, pointers $8..$11, masks $12..$15) into out as 2 packed 16-bit pairs of
+    adjacent rows. Lanes 4 apart hold rows R and R + 1 of the same tokens: they swap one value
+    (``shfl.bfly``), the even-row lane adds (R, R + 1) of token 2p, the odd one (R - 1, R) of token
+    2p + 1, each with one fire-and-forget ``red ... x2`` (16-bit scalar atomics compile to
+    compare-and-swap loops). Needs out rows contiguous, an even row stride and an even N."""
+    ty = "f16x2" if f16 else "bf16x2"
+    out = [
+        "{",
+        ".reg .pred odd, ok;",
+        ".reg .b32 ln, m;",
+        ".reg .f32 snd, rcv, lo, hi;",
+        ".reg .b32 w;",
+        ".reg .b64 a, b;",
+        "mov.u32 ln, %laneid;",
+        "and.b32 ln, ln, 4;",
+        "setp.ne.b32 odd, ln, 0;",
+    ]
+    for h in range(2):
+        v0, v1, p0, p1, m0, m1 = (f"${4 + 2 * h}", f"${5 + 2 * h}", f"${8 + 2 * h}", f"${9 + 2 * h}",
+                                  f"${12 + 2 * h}", f"${13 + 2 * h}")  # fmt: skip
+        out += [
+            f"selp.f32 snd, {v0}, {v1}, odd;",
+            "shfl.sync.bfly.b32 rcv, snd, 4, 0x1f, 0xffffffff;",
+            f"selp.f32 lo, rcv, {v0}, odd;",
+            f"selp.f32 hi, {v1}, rcv, odd;",
+            f"cvt.rn.{'f16x2' if f16 else 'bf16x2'}.f32 w, hi, lo;",
+            f"sub.s64 b, {p1}, 2;",
+            f"selp.b64 a, b, {p0}, odd;",
+            f"selp.b32 m, {m1}, {m0}, odd;",
+            "setp.ne.b32 ok, m, 0;",
+            f"@ok red.relaxed.gpu.global.add.noftz.{ty} [a], w;",
+        ]
+    out += ["mov.b32 $0, 0;", "mov.b32 $1, 0;", "mov.b32 $2, 0;", "mov.b32 $3, 0;", "}"]
+    return "\n".join(out)
+
+
+RED_PAIRS_BF16: tl.constexpr = tl.constexpr(_red_pairs_asm(False))
+RED_PAIRS_F16: tl.constexpr = tl.constexpr(_red_pairs_asm(True))
+RED_CONSTRAINTS: tl.constexpr = tl.constexpr(",".join(["=r"] * 4 + ["f"] * 4 + ["l"] * 4 + ["r"] * 4))
+
+
+@triton.jit
+def _red_add(ptrs, val, mask, PAIRS: tl.constexpr):
+    """*ptrs += val where mask, for a tile's accumulator [T, 4] (fp32) and its out pointers (bf16 or
+    fp16): packed pair reductions if PAIRS (``_red_pairs_asm``; the pointers go in as int64, which
+    triton 3.6 needs next to float operands), else ``tl.atomic_add``."""
+    if PAIRS:
+        if ptrs.dtype.element_ty == tl.float16:
+            asm: tl.constexpr = RED_PAIRS_F16
+        else:
+            asm: tl.constexpr = RED_PAIRS_BF16
+        tl.inline_asm_elementwise(
+            asm, RED_CONSTRAINTS, [val, ptrs.to(tl.int64), mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
+            pack=4,
+        )
+    else:
+        tl.atomic_add(ptrs, val.to(ptrs.dtype.element_ty), mask=mask, sem="relaxed")
+
+
 @triton.jit
 def _store_tile(
     acc,
@@ -230,10 +293,11 @@ def _store_tile(
     s_on,
     GROUP: tl.constexpr,
     atomic,
+    PAIRS: tl.constexpr,
 ):
     """out[tok, row] += acc / 2 (x the row scale) for tile r, token block jn (atomically if
-    ``atomic``); acc [T, 4] as mma.sp leaves it: element i = row 16 r + g + 8 (i // 2), token
-    8 jn + 2 p + i % 2."""
+    ``atomic``: see ``_red_add``); acc [T, 4] as mma.sp leaves it: element i = row 16 r + g +
+    8 (i // 2), token 8 jn + 2 p + i % 2."""
     row = (blk * 64 + 16 * r + g)[:, None] + 8 * (i4 // 2)[None, :]
     m = start + (8 * jn + 2 * p)[:, None] + (i4 % 2)[None, :]
     ok = (row < N) & (m < seg_hi)
@@ -242,7 +306,7 @@ def _store_tile(
         acc = acc * tl.load(sc_ptr + s64 * s_ss + row * s_sn, mask=ok, other=0.0)
     o_ptrs = out_ptr + tok * s_ot + row * s_on
     if atomic:
-        tl.atomic_add(o_ptrs, (0.5 * acc).to(out_ptr.dtype.element_ty), mask=ok, sem="relaxed")
+        _red_add(o_ptrs, 0.5 * acc, ok, PAIRS)
     else:
         prev = tl.load(o_ptrs, mask=ok, other=0.0)
         tl.store(o_ptrs, (prev.to(tl.float32) + 0.5 * acc).to(out_ptr.dtype.element_ty), mask=ok)
@@ -367,6 +431,8 @@ def _task(
     WARPS: tl.constexpr,
     F16: tl.constexpr,
     DEPTH: tl.constexpr,
+    STAGES: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """out[tokens start..seg_hi, rows of group rg] += their part of steps [u_lo, u_hi) of slot s
     (atomic adds if ``atomic``): each warp 64 rows (row block WARPS rg + warp)."""
@@ -406,9 +472,13 @@ def _task(
     acc = (c00, c10, c20, c30, c01, c11, c21, c31)
     ld = (wb, xb0, xm0, xb1, xm1)
     cst = (blk, g, i4, N, sc_base, s_sn, n_groups)
-    nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)
-    if DEPTH >= 3:  # DEPTH - 1 buffers (nxt, two[, three]), each refilled right after its step
+    if STAGES > 0:  # Triton's pipeliner: a ring of STAGES steps in shared memory (cp.async)
+        for u in tl.range(u_lo, u_hi, num_stages=STAGES):
+            acc = _step(acc, _load_step(*ld, u, BITS, BLOCK_M), u, *cst, BITS=BITS, GROUP=GROUP,
+                        BLOCK_M=BLOCK_M, F16=F16)
+    elif DEPTH >= 3:  # DEPTH - 1 buffers (nxt, two[, three]), each refilled right after its step
         NBUF: tl.constexpr = DEPTH - 1
+        nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)
         two = _load_step(*ld, tl.minimum(u_lo + 1, last), BITS, BLOCK_M)
         if DEPTH == 4:
             three = _load_step(*ld, tl.minimum(u_lo + 2, last), BITS, BLOCK_M)
@@ -423,6 +493,7 @@ def _task(
                     acc = _step(acc, three, u + 2, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
                 three = _load_step(*ld, tl.minimum(u + 2 + NBUF, last), BITS, BLOCK_M)
     elif DEPTH == 2:
+        nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)
         two = _load_step(*ld, tl.minimum(u_lo + 1, last), BITS, BLOCK_M)
         for u in range(u_lo, u_hi):
             cur = nxt
@@ -430,12 +501,13 @@ def _task(
             two = _load_step(*ld, tl.minimum(u + 2, last), BITS, BLOCK_M)
             acc = _step(acc, cur, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
     else:
+        nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)
         for u in range(u_lo, u_hi):
             cur = nxt
             nxt = _load_step(*ld, tl.minimum(u + 1, last), BITS, BLOCK_M)
             acc = _step(acc, cur, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
     c00, c10, c20, c30, c01, c11, c21, c31 = acc
-    a = (start, seg_hi, N, s64, order_ptr, sc_ptr, s_ss, s_sn, out_ptr, s_ot, s_on, GROUP, atomic)
+    a = (start, seg_hi, N, s64, order_ptr, sc_ptr, s_ss, s_sn, out_ptr, s_ot, s_on, GROUP, atomic, PAIRS)
     _store_tile(c00, 0, 0, blk, g, p, i4, *a)
     _store_tile(c10, 1, 0, blk, g, p, i4, *a)
     _store_tile(c20, 2, 0, blk, g, p, i4, *a)
@@ -474,7 +546,9 @@ def _sbmm24_kernel(
     F16: tl.constexpr,
     SPLIT: tl.constexpr,
     DEPTH: tl.constexpr,
+    STAGES: tl.constexpr,
     STREAM: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """x_ptr: ``permute_x(x)`` as int32 (bf16 pairs), dw_ptr: the slot layout as int32. One step =
     64 inputs = 2 sparse mma k-steps per tile and token block of 8. A task = (work item, group of
@@ -495,6 +569,7 @@ def _sbmm24_kernel(
             _task(
                 x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, piece, *args,
                 BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
+                STAGES=STAGES, PAIRS=PAIRS,
             )  # fmt: skip
             cur += u_hi - u_lo
     else:
@@ -507,6 +582,7 @@ def _sbmm24_kernel(
             _task(
                 x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, SPLIT > 1, *args,
                 BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
+                STAGES=STAGES, PAIRS=PAIRS,
             )  # fmt: skip
 
 
@@ -651,10 +727,12 @@ def _sbmm24_interp_kernel(
 
 class Config(NamedTuple):
     """Launch configuration: tokens per work item (8 or 16: one or two mma token blocks), warps per
-    program (each warp 64 output rows), split-K factor (atomic adds into out), ``depth``: steps
-    loaded ahead (1, 2; 3 / 4: two / three buffers taking turns, see ``_task``), ``stream``: programs per SM
-    of a stream-K grid (0: one task per program), and a register cap (ptxas ``maxnreg``) so that
-    that many programs fit on an SM at once."""
+    program (each warp 64 output rows), split-K factor (pieces add into out with reductions),
+    ``depth``: steps loaded ahead in registers (1, 2; 3 / 4: two / three buffers taking turns, see
+    ``_task``), ``stream``: programs per SM of a stream-K grid (0: one task per program), a
+    register cap (ptxas ``maxnreg``) so that that many programs fit on an SM at once, and
+    ``stages``: > 0 replaces the register pipeline by a ring of that many steps in shared memory
+    (Triton's pipeliner: cp.async; ~55 registers instead of 90-106)."""
 
     block_m: int
     num_warps: int = 4
@@ -662,31 +740,40 @@ class Config(NamedTuple):
     depth: int = 2
     stream: int = 0
     maxnreg: int | None = None
+    stages: int = 0
 
 
-# Candidates for Hopper (benchmarks/NOTES-sbmm.md: the H200 sweep of every config on the 30 target
-# cases, run E of 2026-11-28 session 4): buffers taking turns won 23 (depth 4: 13, depth 3: 10),
-# split-K 2 3 (K = 11008), depth 1 2 (4096², N = 64), stream-K 2 (K = 11008, N = 16). With few
-# slots the grid has ~2 programs per SM and each warp waits on its own loads (ncu: 8.3 cycles
-# between issues, 12 % occupancy); split-K 2 and stream-K grids (equal shares per SM whatever the
-# spread, as many programs per SM as fit at once: the stream loop takes 128 registers at BM 8
-# uncapped, capped at 96 no spills in the K loop) add warps. BM 16 when slots hold many tokens;
-# split-K 8-16 only for few live slots.
+# Candidates for Hopper (benchmarks/NOTES-sbmm.md, v6: the H200 sweep of every config on the 30
+# target cases, run G of 2026-11-28 session 5). Once pieces of a task add with packed reductions
+# (``_red_add``) instead of compare-and-swap loops, split-K wins most cases: split 2 with depth 3
+# won 10, split 2-8 with a shared-memory ring 12, one task per program 7 (ring 4: 2, depth 3 / 4:
+# 4, depth 1: 1), stream-K 1; the tuner's pick is within 1.07x of the best. More pieces round the
+# 16-bit output more often (max rel err vs the fp32 reference: 1 piece 0.2-0.3 %, 2: 0.4-0.5 %,
+# 4: 0.5-0.6 %, 8: 0.6-1.0 %, 16: 0.8-1.2 %), so the decode lists stop at 4 pieces, split 8 is
+# kept for few live slots (where it makes B = 1 2.5x faster) and split 16 is gone. BM 16 when
+# slots hold many tokens.
 DECODE_CONFIGS = [
     Config(8, 4, depth=3),
     Config(8, 4, depth=4),
     Config(8, 4, depth=1),
     Config(16, 4, depth=3),
-    Config(8, 4),
     Config(8, 4, 2, depth=3),
+    Config(8, 4, stages=4),
+    Config(8, 4, stages=8),
+    Config(8, 2, stages=8),
+    Config(16, 4, stages=6),
+    Config(8, 4, 2, stages=4),
+    Config(8, 2, 2, stages=4),
+    Config(8, 4, 4, stages=3),
 ]
 STREAM_CONFIGS = [
     Config(8, 4, depth=3, stream=5, maxnreg=96),
     Config(8, 4, depth=3, stream=4),
     Config(8, 4, depth=1, stream=6, maxnreg=80),
     Config(8, 1, depth=3, stream=16, maxnreg=96),
+    Config(8, 4, stream=3, stages=6),
 ]
-SPLIT_CONFIGS = [Config(8, 1, 16), Config(16, 2, 8)]
+SPLIT_CONFIGS = [Config(16, 2, 8), Config(8, 2, 8, stages=3), Config(8, 1, 8, stages=4)]
 PREFILL_CONFIGS = [Config(16, 4, depth=3), Config(16, 8), Config(16, 4)]
 INTERPRET_BLOCK = (16, 32)  # (tokens, rows) per program of the interpreter kernel
 TUNER = Tuner(graph=True)
@@ -782,6 +869,8 @@ def sbmm_device(
 
     def launch(c: Config, o: torch.Tensor, p: Plan = p) -> None:
         xk = permute_x(x, k)
+        # split / stream pieces add 2 adjacent rows per reduction where out allows it (_red_add)
+        pairs = o.stride(1) == 1 and o.stride(0) % 2 == 0 and n % 2 == 0 and o.data_ptr() % 4 == 0
         dw32 = dw.view(torch.int32)
         nb = L.n_blocks(n)
         if c.stream:
@@ -793,7 +882,8 @@ def sbmm_device(
             dw32.stride(0), scales.stride(0), scales.stride(1), o.stride(0), o.stride(1),
             BITS=bits, GROUP=group_size or 0, S_P2=max(64, next_pow2(n_slots)), BLOCK_M=c.block_m,
             WARPS=c.num_warps, F16=x.dtype == torch.float16, SPLIT=c.split, DEPTH=c.depth,
-            STREAM=c.stream > 0, num_warps=c.num_warps, num_stages=1, maxnreg=c.maxnreg,
+            STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, num_warps=c.num_warps,
+            num_stages=max(1, c.stages), maxnreg=c.maxnreg,
         )  # fmt: skip
 
     if config is None:
