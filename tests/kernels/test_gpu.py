@@ -130,7 +130,9 @@ def _check_device_layout(bits, dtype, t, config, group_size=None, k=1024, n=304,
     sbmm_device(
         x, dev["dw"], dev["scales"], slot, bits=bits, group_size=group_size, k=k, out=out, config=config
     )
-    assert_added(init, out, y, slot, TOL[dtype], f"bits={bits} {dtype} T={t} {config} g={group_size} k={k}")
+    # each split-K piece rounds the 16-bit output once (run G: max rel err 0.6-1.0 % at 8 pieces)
+    tol = TOL[dtype] * (1 + ((config.split if config else 1) - 1) / 8)
+    assert_added(init, out, y, slot, tol, f"bits={bits} {dtype} T={t} {config} g={group_size} k={k}")
 
 
 @pytest.mark.parametrize("bits", [4, 2])
