@@ -750,7 +750,7 @@ class Config(NamedTuple):
 # 4, depth 1: 1), stream-K 1; the tuner's pick is within 1.07x of the best. More pieces round the
 # 16-bit output more often (max rel err vs the fp32 reference: 1 piece 0.2-0.3 %, 2: 0.4-0.5 %,
 # 4: 0.5-0.6 %, 8: 0.6-1.0 %, 16: 0.8-1.2 %), so the decode lists stop at 4 pieces, split 8 is
-# kept for few live slots (where it makes B = 1 2.5x faster) and split 16 is gone. BM 16 when
+# kept for few live slots (where it makes B = 1 2.2-2.6x faster) and split 16 is gone. BM 16 when
 # slots hold many tokens.
 DECODE_CONFIGS = [
     Config(8, 4, depth=3),
