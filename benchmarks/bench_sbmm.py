@@ -12,7 +12,9 @@ tokens B over N distinct deltas (zipf-spread, each touched
 delta gets >= 1 token) out of S = 64 resident slots. Each timing replays a CUDA graph of 8 calls
 that rotate over the 64 slots (so consecutive calls read different deltas and the 60 MB L2 does not
 serve them) and takes the median of 7 replays. The slot grouping (``plan``) is made once per batch,
-as the engine does, and timed on its own. Baselines: (a) dense bf16 deltas applied by a per-delta
+as the engine does, and timed on its own (``plan_us``); decode rows (B <= 64) of the slot-layout
+kernel also time the permute of x alone and a call with no token on a delta (``permute_us``,
+``empty_call_us``: the fixed cost per call). Baselines: (a) dense bf16 deltas applied by a per-delta
 loop (gather tokens, matmul, index_add), (b) our kernel launched once per delta. Each
 (shape, layout) is checked against the float32 reference at B = N = 32 before it is timed.
 """
@@ -227,6 +229,21 @@ def bench_layout(layout, k, n, rows, args, gen, dense_pool):
             )
 
 
+def _fixed_costs(run, x, out, k, cfg) -> dict:
+    """What a decode call costs whatever it reads: the permute of x alone (``permute_us``) and the
+    whole call with every token base-only (``empty_call_us``: permute, launch, each program's
+    look-up of its work item, nothing to read), same config, in CUDA graphs."""
+    none = torch.full((x.shape[0],), -1, dtype=torch.int32, device=DEV)
+    p = plan(none, POOL)
+    try:
+        return {
+            "permute_us": round(graph_time_us([lambda: sbmm24.permute_x(x, k)] * 4), 2),
+            "empty_call_us": round(graph_time_us([lambda: run(x, none, out, plan_=p, config=cfg)] * 4), 2),
+        }
+    except Exception as exc:  # an extra figure: keep the row
+        return {"fixed_cost_error": repr(exc)[:200]}
+
+
 def _sbmm_case(kern, layout, k, n, b, nd, args, dense_pool, delta_bytes):
     run, run_one, _, tuner, key = kern
     base = zipf_slots(b, nd).to(DEV)
@@ -291,6 +308,8 @@ def _sbmm_case(kern, layout, k, n, b, nd, args, dense_pool, delta_bytes):
         "plan_us": round(t_plan, 2),
         "config": list(cfg),
     }
+    if L.supported(layout) and b <= 64:
+        row.update(_fixed_costs(run, x, out, k, cfg))
     if args.sweep and b <= 64 and nd >= 16:  # every decode candidate, timed like the pick
         mod = sbmm24 if L.supported(layout) else generic
         pairs = list(zip(rots, plans, strict=True))
