@@ -7,7 +7,7 @@ import pytest
 import torch
 from deltahub.kernels import layout as L
 from deltahub.kernels import plan, reference
-from deltahub.kernels.sbmm24 import Config, decode_plan, permute_x, sbmm_device
+from deltahub.kernels.sbmm24 import Config, _red_pairs_asm, decode_plan, permute_x, sbmm_device
 
 from deltahub import kernels as K
 from deltahub.errors import CodecError, ShapeMismatchError
@@ -179,6 +179,74 @@ def test_decode_plan_gives_two_times_code_minus_zero_exactly(bits, f16):
             c = torch.stack([(w >> o) & (2**bits - 1), (w >> (o + 16)) & (2**bits - 1)], -1)
             assert torch.equal(got, 2 * c.double() - (2**bits - 1)), (kk, i, op)
             assert torch.equal(got.to(dt).double(), got)  # the one rounding of the fma is exact
+
+
+def _run_warp_asm(asm: str, operands: list[list]) -> dict[int, float]:
+    """Emulate the pair-reduction PTX on a warp of 32 lanes in lockstep: operands[lane][j] is $j
+    (floats, byte addresses, ints), memory is {element address: value}; returns what the reds add."""
+    regs = [{f"${j}": v for j, v in enumerate(ops)} for ops in operands]
+    mem: dict[int, float] = {}
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        pred, _, line = line.partition(" ") if line.startswith("@") else ("", "", line)
+        op, _, rest = line.partition(" ")
+        args = [a.strip() for a in rest.split(",")]
+        if op.startswith("shfl.sync.bfly"):
+            sent = [r[args[1]] for r in regs]
+            for lane, r in enumerate(regs):
+                r[args[0]] = sent[lane ^ int(args[2])]
+            continue
+        for lane, r in enumerate(regs):
+            val = lambda a: lane if a == "%laneid" else r[a] if a in r else int(a, 0)  # noqa: B023, E731
+            if pred and not r[pred[1:]]:
+                continue
+            if op == "mov.u32" or op == "mov.b32":
+                r[args[0]] = val(args[1])
+            elif op == "and.b32":
+                r[args[0]] = val(args[1]) & val(args[2])
+            elif op == "setp.ne.b32":
+                r[args[0]] = val(args[1]) != val(args[2])
+            elif op.startswith("selp"):
+                r[args[0]] = val(args[1]) if r[args[3]] else val(args[2])
+            elif op.startswith("cvt.rn.") and op.endswith("x2.f32"):
+                r[args[0]] = (val(args[2]), val(args[1]))  # (low half, high half)
+            elif op == "sub.s64":
+                r[args[0]] = val(args[1]) - val(args[2])
+            elif op.startswith("red.") and op.endswith("x2"):
+                addr = val(args[0].strip("[]"))
+                assert addr % 4 == 0, "a packed reduction must be 4-byte aligned"
+                for half, v in enumerate(r[args[1]]):
+                    mem[addr // 2 + half] = mem.get(addr // 2 + half, 0.0) + v
+            else:
+                raise AssertionError(f"emulator lacks {op}")
+    return mem
+
+
+@pytest.mark.parametrize("f16", [False, True])
+def test_red_pairs_asm_adds_every_valid_value_once(f16):
+    """The split-K reduction's PTX, emulated on a warp: each lane (g = lane // 4, p = lane % 4) holds
+    rows R = 2g' + 8h.. of tokens 2p, 2p + 1 as mma.sp leaves them; after the swap and the packed
+    reds every value whose mask is set lands once at (token, row), and nothing else is written."""
+    gen = torch.Generator().manual_seed(int(f16))
+    s_ot, base = 96, 4096  # out row stride (elements, even) and a 4-byte aligned base address
+    operands, want = [], {}
+    for lane in range(32):
+        g, p = lane // 4, lane % 4
+        vals, ptrs, masks = [], [], []
+        for i in range(4):
+            row, tok = 16 + g + 8 * (i // 2), 2 * p + i % 2
+            v = float(torch.randn((), generator=gen))
+            ok = tok != 7  # one masked-off token (odd), as when a segment ends
+            vals.append(v)
+            ptrs.append(base + 2 * (tok * s_ot + row))
+            masks.append(int(ok))
+            if ok:
+                want[base // 2 + tok * s_ot + row] = v
+        operands.append([0] * 4 + vals + ptrs + masks)
+    got = _run_warp_asm(_red_pairs_asm(f16), operands)
+    assert got == want
 
 
 def test_permute_x_makes_each_b_fragment_contiguous():
