@@ -226,9 +226,9 @@ def _run_warp_asm(asm: str, operands: list[list]) -> dict[int, float]:
 
 @pytest.mark.parametrize("f16", [False, True])
 def test_red_pairs_asm_adds_every_valid_value_once(f16):
-    """The split-K reduction's PTX, emulated on a warp: each lane (g = lane // 4, p = lane % 4) holds
-    rows R = 2g' + 8h.. of tokens 2p, 2p + 1 as mma.sp leaves them; after the swap and the packed
-    reds every value whose mask is set lands once at (token, row), and nothing else is written."""
+    """The split-K reduction's PTX, emulated on a warp: lane (g = lane // 4, p = lane % 4) holds
+    element i at row 16 + g + 8 (i // 2), token 2p + i % 2, as mma.sp leaves them; after the swap
+    and the packed reds every value whose mask is set lands once at (token, row), nothing else."""
     gen = torch.Generator().manual_seed(int(f16))
     s_ot, base = 96, 4096  # out row stride (elements, even) and a 4-byte aligned base address
     operands, want = [], {}
