@@ -149,8 +149,10 @@ def check_configs(st, layout, k, n, run):
 
 
 def _extra_configs(mod) -> list[list]:
-    """The module's other candidate lists (split-K, stream-K) where it has them."""
-    return [getattr(mod, name) for name in ("SPLIT_CONFIGS", "STREAM_CONFIGS") if hasattr(mod, name)]
+    """The module's other config lists (split-K, stream-K, trial configs the tuner does not pick yet)
+    where it has them: checked against the reference and timed in the sweep."""
+    names = ("SPLIT_CONFIGS", "STREAM_CONFIGS", "TRIAL_CONFIGS")
+    return [getattr(mod, name) for name in names if hasattr(mod, name)]
 
 
 def kernel_for(st, layout, k, n):
@@ -310,7 +312,7 @@ def _sbmm_case(kern, layout, k, n, b, nd, args, dense_pool, delta_bytes):
     }
     if L.supported(layout) and b <= 64:
         row.update(_fixed_costs(run, x, out, k, cfg))
-    if args.sweep and b <= 64 and nd >= 16:  # every decode candidate, timed like the pick
+    if args.sweep and b <= 64 and (nd >= 16 or b == 1):  # every decode config, timed like the pick
         mod = sbmm24 if L.supported(layout) else generic
         pairs = list(zip(rots, plans, strict=True))
         row["config_sweep_us"] = {
@@ -509,7 +511,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the target-domain cases and a few others per shape")
     ap.add_argument("--layouts", default="4:2:4,2:2:4", help="bits:sparsity list, e.g. 4:2:4,3:2:4,4:none")
     ap.add_argument("--no-sgmv", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="also time every decode config on B <= 64, N >= 16")
+    ap.add_argument("--sweep", action="store_true", help="time every config too (B <= 64, N >= 16; B = 1)")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN list")
     ap.add_argument("--merge", metavar="JSON", help="keep this file's rows for shapes not run now")
     ap.add_argument("--plot-from", metavar="JSON", help="only redraw sbmm.png from a results file (no GPU)")

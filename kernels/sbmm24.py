@@ -433,6 +433,7 @@ def _task(
     DEPTH: tl.constexpr,
     STAGES: tl.constexpr,
     PAIRS: tl.constexpr,
+    XDIRECT: tl.constexpr,
 ):
     """out[tokens start..seg_hi, rows of group rg] += their part of steps [u_lo, u_hi) of slot s
     (atomic adds if ``atomic``): each warp 64 rows (row block WARPS rg + warp)."""
@@ -450,11 +451,17 @@ def _task(
     m0 = start + g
     ok0 = m0 < seg_hi
     tok0 = tl.load(order_ptr + m0, mask=ok0, other=0)
-    xb0 = x_ptr + (tok0.to(tl.int64) * s_xt + 4 * p)[:, None] + i4[None, :]
+    # a thread's B fragment of a 32-input sub-step: input pairs 2p + 8i (i = 0..3), i.e. int32
+    # words 4p + i of ``permute_x``'s copy (one 16-byte load), or words p + 4i of x itself (XDIRECT)
+    if XDIRECT:
+        xoff = p[:, None] + 4 * i4[None, :]
+    else:
+        xoff = (4 * p)[:, None] + i4[None, :]
+    xb0 = x_ptr + (tok0.to(tl.int64) * s_xt)[:, None] + xoff
     xm0 = ok0[:, None]
     ok1 = (m0 + 8 < seg_hi) & (BLOCK_M == 16)
     tok1 = tl.load(order_ptr + m0 + 8, mask=ok1, other=0)
-    xb1 = x_ptr + (tok1.to(tl.int64) * s_xt + 4 * p)[:, None] + i4[None, :]
+    xb1 = x_ptr + (tok1.to(tl.int64) * s_xt)[:, None] + xoff
     xm1 = ok1[:, None]
     c00 = tl.zeros((T, 4), dtype=tl.float32)
     c10 = tl.zeros((T, 4), dtype=tl.float32)
@@ -549,11 +556,12 @@ def _sbmm24_kernel(
     STAGES: tl.constexpr,
     STREAM: tl.constexpr,
     PAIRS: tl.constexpr,
+    XDIRECT: tl.constexpr,
 ):
-    """x_ptr: ``permute_x(x)`` as int32 (bf16 pairs), dw_ptr: the slot layout as int32. One step =
-    64 inputs = 2 sparse mma k-steps per tile and token block of 8. A task = (work item, group of
-    WARPS row blocks of 64). GROUP: 0 (row scale at the end) or a multiple of 64 (folded per step).
-    DEPTH: see ``_task``. Grids:
+    """x_ptr: ``permute_x(x)`` as int32 (bf16 pairs; x itself viewed as int32 if XDIRECT), dw_ptr:
+    the slot layout as int32. One step = 64 inputs = 2 sparse mma k-steps per tile and token block
+    of 8. A task = (work item, group of WARPS row blocks of 64). GROUP: 0 (row scale at the end) or
+    a multiple of 64 (folded per step). DEPTH, STAGES: see ``_task``; PAIRS: ``_red_add``. Grids:
     - STREAM: (programs,), each runs an equal share of all tasks' steps (stream-K), in order;
       pieces of a task add atomically.
     - else (row groups x SPLIT, work items): one task per program, split-K over SPLIT programs
@@ -569,7 +577,7 @@ def _sbmm24_kernel(
             _task(
                 x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, piece, *args,
                 BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
-                STAGES=STAGES, PAIRS=PAIRS,
+                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT,
             )  # fmt: skip
             cur += u_hi - u_lo
     else:
@@ -582,7 +590,7 @@ def _sbmm24_kernel(
             _task(
                 x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, SPLIT > 1, *args,
                 BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
-                STAGES=STAGES, PAIRS=PAIRS,
+                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT,
             )  # fmt: skip
 
 
@@ -732,7 +740,9 @@ class Config(NamedTuple):
     ``_task``), ``stream``: programs per SM of a stream-K grid (0: one task per program), a
     register cap (ptxas ``maxnreg``) so that that many programs fit on an SM at once, and
     ``stages``: > 0 replaces the register pipeline by a ring of that many steps in shared memory
-    (Triton's pipeliner: cp.async; ~55 registers instead of 90-106)."""
+    (Triton's pipeliner: cp.async; ~55 registers instead of 90-106). ``xdirect``: read x's B
+    fragments from x itself (4 four-byte loads) instead of a permuted copy made per call (one
+    kernel less; K a multiple of 64)."""
 
     block_m: int
     num_warps: int = 4
@@ -741,6 +751,7 @@ class Config(NamedTuple):
     stream: int = 0
     maxnreg: int | None = None
     stages: int = 0
+    xdirect: bool = False
 
 
 # Candidates for Hopper (benchmarks/NOTES-sbmm.md, v6: the H200 sweep of every config on the 30
@@ -775,6 +786,14 @@ STREAM_CONFIGS = [
 ]
 SPLIT_CONFIGS = [Config(16, 2, 8), Config(8, 2, 8, stages=3), Config(8, 1, 8, stages=4)]
 PREFILL_CONFIGS = [Config(16, 4, depth=3), Config(16, 8), Config(16, 4)]
+# Not picked by the tuner until measured: the benchmark checks them against the reference and
+# times them in its sweep, the GPU tests run them (v6 next step 1: the permute's kernel per call).
+TRIAL_CONFIGS = [
+    Config(8, 1, 8, stages=4, xdirect=True),
+    Config(8, 4, 2, depth=3, xdirect=True),
+    Config(8, 4, 4, stages=3, xdirect=True),
+    Config(8, 4, depth=4, xdirect=True),
+]
 INTERPRET_BLOCK = (16, 32)  # (tokens, rows) per program of the interpreter kernel
 TUNER = Tuner(graph=True)
 
@@ -868,7 +887,8 @@ def sbmm_device(
         return out
 
     def launch(c: Config, o: torch.Tensor, p: Plan = p) -> None:
-        xk = permute_x(x, k)
+        direct = c.xdirect and k % L.STEP_K == 0 and x.data_ptr() % 4 == 0
+        xk = x.view(torch.int32) if direct else permute_x(x, k)
         # split / stream pieces add 2 adjacent rows per reduction where out allows it (_red_add)
         pairs = o.stride(1) == 1 and o.stride(0) % 2 == 0 and n % 2 == 0 and o.data_ptr() % 4 == 0
         dw32 = dw.view(torch.int32)
@@ -882,7 +902,7 @@ def sbmm_device(
             dw32.stride(0), scales.stride(0), scales.stride(1), o.stride(0), o.stride(1),
             BITS=bits, GROUP=group_size or 0, S_P2=max(64, next_pow2(n_slots)), BLOCK_M=c.block_m,
             WARPS=c.num_warps, F16=x.dtype == torch.float16, SPLIT=c.split, DEPTH=c.depth,
-            STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, num_warps=c.num_warps,
+            STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, XDIRECT=direct, num_warps=c.num_warps,
             num_stages=max(1, c.stages), maxnreg=c.maxnreg,
         )  # fmt: skip
 
