@@ -819,9 +819,16 @@ def _rotated_plans(slot: torch.Tensor, n_slots: int, n: int = 4) -> list[Plan]:
 
 
 def tune_key(dtype, k, n, bits, group_size, n_slots, t, active=None) -> tuple:
-    """Autotuning key: shape, layout, slot count, batch-size class and (if given) the class of the
-    number of live slots (a host-side hint: no device read)."""
-    return ("sbmm24", dtype, k, n, bits, group_size, n_slots, batch_class(t), batch_class(active or n_slots))
+    """Autotuning key: shape, layout, slot count, batch-size class and the class of the number of
+    slots the batch can touch: at most the live slots (``active``, a host-side hint) and at most
+    one per token, so a decode step of a few tokens is tuned as such with no device read."""
+    live = batch_class(touched(n_slots, t, active))
+    return ("sbmm24", dtype, k, n, bits, group_size, n_slots, batch_class(t), live)
+
+
+def touched(n_slots: int, t: int, active: int | None = None) -> int:
+    """An upper bound on the distinct slots of a batch of t tokens (``active``: live slots)."""
+    return min(active or n_slots, t)
 
 
 def sbmm_device(
@@ -911,7 +918,8 @@ def sbmm_device(
         if t > 256:
             cands = PREFILL_CONFIGS
         else:  # split-K only pays when few (slot, token block) items leave SMs idle
-            cands = DECODE_CONFIGS + STREAM_CONFIGS + (SPLIT_CONFIGS if (active or n_slots) <= 8 else [])
+            few = touched(n_slots, t, active) <= 8
+            cands = DECODE_CONFIGS + STREAM_CONFIGS + (SPLIT_CONFIGS if few else [])
         config = TUNER.best.get(key)
         if config is None:  # timed as the engine runs it: back to back in a CUDA graph, other slots each call
             scratch, rotated = torch.empty_like(out), _rotated_plans(slot, n_slots)

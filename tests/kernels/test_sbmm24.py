@@ -7,7 +7,7 @@ import pytest
 import torch
 from deltahub.kernels import layout as L
 from deltahub.kernels import plan, reference
-from deltahub.kernels.sbmm24 import Config, _red_pairs_asm, decode_plan, permute_x, sbmm_device
+from deltahub.kernels.sbmm24 import Config, _red_pairs_asm, decode_plan, permute_x, sbmm_device, tune_key
 
 from deltahub import kernels as K
 from deltahub.errors import CodecError, ShapeMismatchError
@@ -247,6 +247,17 @@ def test_red_pairs_asm_adds_every_valid_value_once(f16):
         operands.append([0] * 4 + vals + ptrs + masks)
     got = _run_warp_asm(_red_pairs_asm(f16), operands)
     assert got == want
+
+
+def test_tune_key_bounds_touched_slots_by_tokens():
+    """A decode step of one token touches one slot however many are live: it is tuned (and may
+    use split-K) as such, with no device read; bigger batches keep the live-slot class."""
+    from deltahub.kernels._common import batch_class
+
+    key = lambda t, active: tune_key(torch.bfloat16, 4096, 4096, 4, None, 64, t, active)  # noqa: E731
+    assert key(1, 32) == key(1, 1) and key(1, 32)[-1] == batch_class(1)
+    assert key(64, 32)[-1] == batch_class(32)  # enough tokens: the live slots bound it
+    assert key(256, None)[-1] == batch_class(64)  # no hint: all 64 slots
 
 
 def test_permute_x_makes_each_b_fragment_contiguous():
