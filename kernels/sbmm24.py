@@ -237,7 +237,7 @@ def _red_pairs_asm(f16: bool) -> str:
             "shfl.sync.bfly.b32 rcv, snd, 4, 0x1f, 0xffffffff;",
             f"selp.f32 lo, rcv, {v0}, odd;",
             f"selp.f32 hi, {v1}, rcv, odd;",
-            f"cvt.rn.{'f16x2' if f16 else 'bf16x2'}.f32 w, hi, lo;",
+            f"cvt.rn.{ty}.f32 w, hi, lo;",
             f"sub.s64 b, {p1}, 2;",
             f"selp.b64 a, b, {p0}, odd;",
             f"selp.b32 m, {m1}, {m0}, odd;",
