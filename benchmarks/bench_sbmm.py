@@ -1,7 +1,8 @@
 # ruff: noqa: B023 -- the lambdas built in loops are captured into a CUDA graph before the loop moves on
 """SBMM / SGMV benchmark on a CUDA GPU -> sbmm.json + sbmm.png (docs/benchmarks/).
 
-Usage: python benchmarks/bench_sbmm.py [--out DIR] [--quick] [--layouts 4:2:4,2:2:4] [--plot-from JSON]
+Usage: python benchmarks/bench_sbmm.py [--out DIR] [--quick] [--sweep] [--no-trial] [--layouts 4:2:4,2:2:4]
+                                       [--plot-from JSON]   (on the device: benchmarks/device_sbmm.sh)
        python benchmarks/bench_sbmm.py --one BITS,K,N,B,ND[,CONFIG]   (one case, for ncu; maxnreg 0 = none)
 
 Builds random packed deltas of Llama-2-7B projection shapes on the device (valid 2:4 positions, random
@@ -14,7 +15,8 @@ that rotate over the 64 slots (so consecutive calls read different deltas and th
 serve them) and takes the median of 7 replays. The slot grouping (``plan``) is made once per batch,
 as the engine does, and timed on its own (``plan_us``); decode rows (B <= 64) of the slot-layout
 kernel also time the permute of x alone and a call with no token on a delta (``permute_us``,
-``empty_call_us``: the fixed cost per call). Baselines: (a) dense bf16 deltas applied by a per-delta
+``empty_call_us``: the fixed cost per call; ``launch_floor_us`` at the top: one launch of the
+cheapest kernel). Baselines: (a) dense bf16 deltas applied by a per-delta
 loop (gather tokens, matmul, index_add), (b) our kernel launched once per delta. Each
 (shape, layout) is checked against the float32 reference at B = N = 32 before it is timed.
 """
@@ -114,6 +116,13 @@ def ceilings():
     b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     us = graph_time_us([lambda: a @ b] * 4)
     return copy_gbps, 2 * 8192**3 / us / 1e6
+
+
+def launch_floor_us() -> float:
+    """Time per kernel of the cheapest kernel there is (one element added to) replayed in a CUDA
+    graph: what any one launch costs on this GPU, the floor of a call's fixed cost."""
+    one = torch.zeros(1, device=DEV)
+    return round(graph_time_us([lambda: one.add_(1)] * 8), 2)
 
 
 def check_configs(st, layout, k, n, run):
@@ -515,6 +524,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN list")
     ap.add_argument("--merge", metavar="JSON", help="keep this file's rows for shapes not run now")
     ap.add_argument("--plot-from", metavar="JSON", help="only redraw sbmm.png from a results file (no GPU)")
+    ap.add_argument("--no-trial", action="store_true", help="leave out sbmm24.TRIAL_CONFIGS")
     ap.add_argument("--one", metavar="BITS,K,N,B,ND[,CONFIG]", help="launch one case a few times (for ncu)")
     args = ap.parse_args(argv)
     if args.one:
@@ -527,6 +537,8 @@ def main(argv=None) -> int:
     gen = torch.Generator(device=DEV).manual_seed(0)
     torch.manual_seed(0)
     args.copy_gbps, args.bf16_tflops = ceilings()
+    if args.no_trial:
+        sbmm24.TRIAL_CONFIGS.clear()
     args.checks = {}
     import triton
 
@@ -542,6 +554,7 @@ def main(argv=None) -> int:
         },
         "copy_gbps": round(args.copy_gbps, 1),
         "bf16_tflops": round(args.bf16_tflops, 1),
+        "launch_floor_us": launch_floor_us(),
         "pool_slots": POOL,
         "correctness_max_rel_err": args.checks,
         "rows": [],

@@ -402,6 +402,12 @@ def _step(
 
 
 @triton.jit
+def _opaque(v):
+    """v unchanged (an int32 register move) whose contiguity and divisibility Triton cannot see."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _task(
     x_ptr,
     dw_ptr,
@@ -453,8 +459,10 @@ def _task(
     tok0 = tl.load(order_ptr + m0, mask=ok0, other=0)
     # a thread's B fragment of a 32-input sub-step: input pairs 2p + 8i (i = 0..3), i.e. int32
     # words 4p + i of ``permute_x``'s copy (one 16-byte load), or words p + 4i of x itself (XDIRECT)
-    if XDIRECT:
-        xoff = p[:, None] + 4 * i4[None, :]
+    if XDIRECT:  # four 4-byte loads, the offsets hidden from Triton's contiguity analysis: it would
+        # otherwise vectorize across lanes (p is contiguous along them) through a layout change,
+        # which misaligned shared-memory accesses on the H200's triton 3.6
+        xoff = _opaque(p[:, None] + 4 * i4[None, :])
     else:
         xoff = (4 * p)[:, None] + i4[None, :]
     xb0 = x_ptr + (tok0.to(tl.int64) * s_xt)[:, None] + xoff
@@ -762,7 +770,10 @@ class Config(NamedTuple):
 # 16-bit output more often (max rel err vs the fp32 reference: 1 piece 0.2-0.3 %, 2: 0.4-0.5 %,
 # 4: 0.5-0.6 %, 8: 0.6-1.0 %, 16: 0.8-1.2 %), so the decode lists stop at 4 pieces, split 8 is
 # kept for few live slots (where it makes B = 1 2.2-2.6x faster) and split 16 is gone. BM 16 when
-# slots hold many tokens.
+# slots hold many tokens. ``xdirect`` configs (x read as it is, no permute kernel; session 6's
+# sweep, after the permute became one Triton launch): they win small calls (B = 1 on 4096^2:
+# 7.3-7.6 us against 8.1-8.5; 4-bit 4096^2 N = 16 by 0.6-2.5 us) and lose the rest by 2-36 %
+# (four 4-byte loads per fragment), so the tuner picks per case.
 DECODE_CONFIGS = [
     Config(8, 4, depth=3),
     Config(8, 4, depth=4),
@@ -776,6 +787,8 @@ DECODE_CONFIGS = [
     Config(8, 4, 2, stages=4),
     Config(8, 2, 2, stages=4),
     Config(8, 4, 4, stages=3),
+    Config(8, 4, 2, depth=3, xdirect=True),
+    Config(8, 4, depth=4, xdirect=True),
 ]
 STREAM_CONFIGS = [
     Config(8, 4, depth=3, stream=5, maxnreg=96),
@@ -784,24 +797,50 @@ STREAM_CONFIGS = [
     Config(8, 1, depth=3, stream=16, maxnreg=96),
     Config(8, 4, stream=3, stages=6),
 ]
-SPLIT_CONFIGS = [Config(16, 2, 8), Config(8, 2, 8, stages=3), Config(8, 1, 8, stages=4)]
+SPLIT_CONFIGS = [
+    Config(16, 2, 8),
+    Config(8, 2, 8, stages=3),
+    Config(8, 1, 8, stages=4),
+    Config(8, 1, 8, stages=4, xdirect=True),
+]
 PREFILL_CONFIGS = [Config(16, 4, depth=3), Config(16, 8), Config(16, 4)]
 # Not picked by the tuner until measured: the benchmark checks them against the reference and
-# times them in its sweep, the GPU tests run them (v6 next step 1: the permute's kernel per call).
-TRIAL_CONFIGS = [
-    Config(8, 1, 8, stages=4, xdirect=True),
-    Config(8, 4, 2, depth=3, xdirect=True),
-    Config(8, 4, 4, stages=3, xdirect=True),
-    Config(8, 4, depth=4, xdirect=True),
-]
+# times them in its sweep, the GPU tests run them (none now: session 6 promoted the xdirect ones).
+TRIAL_CONFIGS: list[Config] = []
 INTERPRET_BLOCK = (16, 32)  # (tokens, rows) per program of the interpreter kernel
 TUNER = Tuner(graph=True)
+
+
+@triton.jit
+def _permute_x_kernel(x_ptr, out_ptr, kw, W, s_x, s_o, BLOCK: tl.constexpr):
+    """out[t, j] = x[t, 16 (j // 16) + (j % 16) // 4 + 4 (j % 4)] for int32 words j < W (bf16/fp16
+    pairs; 0 past x's kw words). Grid: (tokens, word blocks)."""
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    w = j % 16
+    src = j - w + w // 4 + 4 * (w % 4)  # same block of 16 words: src >= kw wherever j >= W
+    v = tl.load(x_ptr + t * s_x + src, mask=src < kw, other=0)
+    tl.store(out_ptr + t * s_o + j, v, mask=j < W)
 
 
 def permute_x(x: torch.Tensor, k: int) -> torch.Tensor:
     """x [T, k] -> int32 [T, steps * 32] (bf16/fp16 pairs), zero-padded to whole steps of 64, each
     32 inputs reordered so that a thread's B fragment of mma.sp is 16 contiguous bytes: pair
-    (2 p + 8 i, +1) of a sub-step moves to int32 word 4 p + i."""
+    (2 p + 8 i, +1) of a sub-step moves to int32 word 4 p + i. One Triton launch (on CUDA or under
+    the interpreter) where x is contiguous, k even and x 4-byte aligned; else ``permute_x_torch``."""
+    if not (x.is_cuda or interpreting()) or k % 2 or not x.is_contiguous() or x.data_ptr() % 4:
+        return permute_x_torch(x, k)
+    t, w = x.shape[0], L.n_steps(k) * 32
+    out = torch.empty(t, w, dtype=torch.int32, device=x.device)
+    if t:
+        block = min(1024, next_pow2(w))
+        xw = x.reshape(-1).view(torch.int32)  # [T * k / 2] (a view)
+        _permute_x_kernel[(t, triton.cdiv(w, block))](xw, out, k // 2, w, k // 2, w, BLOCK=block)
+    return out
+
+
+def permute_x_torch(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``permute_x`` in torch ops (the reference; a strided copy kernel on CUDA)."""
     steps = L.n_steps(k)
     if steps * L.STEP_K != k:
         x = torch.nn.functional.pad(x, (0, steps * L.STEP_K - k))
@@ -895,7 +934,7 @@ def sbmm_device(
 
     def launch(c: Config, o: torch.Tensor, p: Plan = p) -> None:
         direct = c.xdirect and k % L.STEP_K == 0 and x.data_ptr() % 4 == 0
-        xk = x.view(torch.int32) if direct else permute_x(x, k)
+        xk = x.reshape(-1).view(torch.int32) if direct else permute_x(x, k)  # rows: k / 2 or steps * 32
         # split / stream pieces add 2 adjacent rows per reduction where out allows it (_red_add)
         pairs = o.stride(1) == 1 and o.stride(0) % 2 == 0 and n % 2 == 0 and o.data_ptr() % 4 == 0
         dw32 = dw.view(torch.int32)
@@ -905,7 +944,7 @@ def sbmm_device(
         else:
             grid = (triton.cdiv(nb, c.num_warps) * c.split, min(n_slots, t) + triton.cdiv(t, c.block_m))
         _sbmm24_kernel[grid](
-            xk, dw32, scales, o, p.order, p.seg, n, n_slots, nb, steps, scales.shape[2], xk.stride(0),
+            xk, dw32, scales, o, p.order, p.seg, n, n_slots, nb, steps, scales.shape[2], xk.numel() // t,
             dw32.stride(0), scales.stride(0), scales.stride(1), o.stride(0), o.stride(1),
             BITS=bits, GROUP=group_size or 0, S_P2=max(64, next_pow2(n_slots)), BLOCK_M=c.block_m,
             WARPS=c.num_warps, F16=x.dtype == torch.float16, SPLIT=c.split, DEPTH=c.depth,

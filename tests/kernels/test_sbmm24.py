@@ -7,7 +7,15 @@ import pytest
 import torch
 from deltahub.kernels import layout as L
 from deltahub.kernels import plan, reference
-from deltahub.kernels.sbmm24 import Config, _red_pairs_asm, decode_plan, permute_x, sbmm_device, tune_key
+from deltahub.kernels.sbmm24 import (
+    Config,
+    _red_pairs_asm,
+    decode_plan,
+    permute_x,
+    permute_x_torch,
+    sbmm_device,
+    tune_key,
+)
 
 from deltahub import kernels as K
 from deltahub.errors import CodecError, ShapeMismatchError
@@ -260,15 +268,25 @@ def test_tune_key_bounds_touched_slots_by_tokens():
     assert key(256, None)[-1] == batch_class(64)  # no hint: all 64 slots
 
 
-def test_permute_x_makes_each_b_fragment_contiguous():
+@pytest.mark.parametrize("fn", [permute_x, permute_x_torch])
+def test_permute_x_makes_each_b_fragment_contiguous(fn):
     x = torch.arange(2 * 100, dtype=torch.float32).reshape(2, 100).to(torch.float16)
-    xp = permute_x(x, 100)
+    xp = fn(x, 100)
     assert xp.dtype == torch.int32 and xp.shape == (2, 64)
     pairs = xp.view(torch.float16).reshape(2, 128)
     for c, p, i in [(0, 0, 0), (1, 3, 2), (3, 1, 3)]:  # sub-step c, lane column p, register i
         src = 32 * c + 2 * p + 8 * i
         got = pairs[1, 32 * c + 8 * p + 2 * i : 32 * c + 8 * p + 2 * i + 2].tolist()
         assert got == [float(x[1, q]) if q < 100 else 0.0 for q in (src, src + 1)]
+
+
+@pytest.mark.parametrize(("t", "k"), [(3, 64), (5, 200), (1, 4096), (2, 37), (0, 64)])
+def test_permute_x_kernel_matches_torch(t, k):
+    """The Triton permute (one launch) against the torch ops, bf16, incl. padding and odd k (which
+    takes the torch path), and a view that is not 4-byte aligned."""
+    x = torch.randn(t, k + 1).to(torch.bfloat16)
+    for v in (x[:, :k].contiguous(), x.reshape(-1)[1 : 1 + t * k].reshape(t, k)):
+        assert torch.equal(permute_x(v, k), permute_x_torch(v, k))
 
 
 def test_sbmm_device_all_base_only_and_errors():
