@@ -45,7 +45,9 @@ from .dequant_triton import _segment, _segment_at, _work_item
 class DecodeOp(NamedTuple):
     """How one A register is decoded from its tile's code word w (both 16-bit halves at once):
     ``t = (w >> shift) & mask | magic`` (shift < 0: left), whose halves are the 16-bit floats
-    M + c 2^q exactly, then ``fma(t, mult, add)`` = 2 (c - z) exactly (the 1/2 is in the row scale)."""
+    M + c 2^q exactly, then ``t mult + add``, exact and proportional to c - z (``acc_scale`` undoes
+    the factor): one packed FMA per register, or with ``zmma`` (mult = 1) a second mma per tile
+    whose A registers all hold the constant ``add``."""
 
     shift: int
     mask: int
@@ -61,12 +63,29 @@ def _f16_bits(v: float, f16: bool) -> int:
     return int(t.view(torch.int16)) & 0xFFFF
 
 
-def decode_plan(bits: int, f16: bool, kk: int) -> list[DecodeOp]:
+def zero_point_mma(bits: int, f16: bool) -> bool:
+    """Whether a layout can leave its zero point to the tensor cores (``Config.zmma``): the decode
+    stops at t = 1 + c 2^(q-7) and one more mma per tile, whose A registers all hold -(1 + z
+    2^(q-7)), subtracts it. That constant is exact in bf16 only with q = 1 in every register,
+    which 4-bit bf16 has (a shift per register); the other layouts share shifts, so their q differ."""
+    return bits == 4 and not f16
+
+
+def acc_scale(bits: int, f16: bool, zmma: bool = False) -> float:
+    """What the accumulators are multiplied by at the end to give sum (c - z) x (then by the scale)."""
+    return 2.0 ** (7 - 1) if zmma and zero_point_mma(bits, f16) else 0.5
+
+
+def decode_plan(bits: int, f16: bool, kk: int, zmma: bool = False) -> list[DecodeOp]:
     """The 4 registers (i) of sub-step kk: code c0 at bit o of w, c1 at o + 16, placed at bit q of
     each half, with 1 <= q <= mantissa bits - bits (t exact; and M 2^(1-q) + 2^bits - 1 exact, which
     q = 0 is not). Registers share one shift when their codes fit the same window: 2-bit bf16 needs
-    2 shifts per sub-step, fp16 1 (4-bit: bf16 4, fp16 2)."""
+    2 shifts per sub-step, fp16 1 (4-bit: bf16 4, fp16 2). The result is 2 (c - z), or with ``zmma``
+    (where ``zero_point_mma``) M = 1 and (c - z) 2^(q-7) once the second mma adds ``add``."""
+    biased = zmma and zero_point_mma(bits, f16)
     mant, big = (10, 1024.0) if f16 else (7, 128.0)
+    if biased:
+        big = 1.0
     q_max = mant - bits
     ops, shift = [], None
     for i in range(4):
@@ -74,7 +93,10 @@ def decode_plan(bits: int, f16: bool, kk: int) -> list[DecodeOp]:
         if shift is None or not 1 <= o - shift <= q_max:
             shift = o - 1
         q = o - shift
-        mult = 2.0 ** (1 - q)
+        assert not biased or q == 1, "zmma needs q = 1 in every register (one constant, one acc_scale)"
+        z = ((1 << bits) - 1) / 2
+        mult = 1.0 if biased else 2.0 ** (1 - q)
+        add = -(1.0 + z * 2.0 ** (q - mant)) if biased else -(big * mult + 2 * z)
         half = lambda v: _f16_bits(v, f16)  # noqa: E731
         ops.append(
             DecodeOp(
@@ -82,19 +104,21 @@ def decode_plan(bits: int, f16: bool, kk: int) -> list[DecodeOp]:
                 mask=((1 << bits) - 1) << q | ((1 << bits) - 1) << (q + 16),
                 magic=half(big) * 0x10001,
                 mult=half(mult) * 0x10001,
-                add=half(-(big * mult + (1 << bits) - 1)) * 0x10001,
+                add=half(add) * 0x10001,
             )
         )
     return ops
 
 
-def _decode_asm(bits: int, f16: bool, kk: int) -> str:
+def _decode_asm(bits: int, f16: bool, kk: int, zmma: bool = False) -> str:
     """PTX of ``decode_plan``: the code words of 4 tiles ($16..$19) -> their A fragments for
-    sub-step kk ($4r + i), each register two packed 16-bit floats 2 (c - z) (c0 low, c1 high).
-    Shifts are multiplies (IMAD, FMA pipe), so the ALU pipe only carries the LOP3s."""
+    sub-step kk ($4r + i), each register two packed 16-bit floats 2 (c - z) (c0 low, c1 high), or
+    t = 1 + c 2^(q-7) with ``zmma`` (no FMA: the mma subtracts the offset). Shifts are multiplies
+    (IMAD, FMA pipe), so the ALU pipe only carries the LOP3s."""
     fma = "fma.rn.f16x2" if f16 else "fma.rn.bf16x2"
-    plan_ = decode_plan(bits, f16, kk)
-    consts = sorted({v for op in plan_ for v in (op.mult, op.add)})  # packed operands: registers
+    biased = zmma and zero_point_mma(bits, f16)
+    plan_ = decode_plan(bits, f16, kk, zmma)
+    consts = [] if biased else sorted({v for op in plan_ for v in (op.mult, op.add)})  # packed operands
     out = ["{", f".reg .b32 %t<16>, %s<16>, %c<{len(consts)}>;"]
     out += [f"mov.b32 %c{j}, {v:#010x};" for j, v in enumerate(consts)]
     c = {v: f"%c{j}" for j, v in enumerate(consts)}
@@ -111,26 +135,32 @@ def _decode_asm(bits: int, f16: bool, kk: int) -> str:
                 else:
                     sreg = w
                 shifted[op.shift] = sreg
-            t = f"%t{4 * r + i}"
+            t = f"${4 * r + i}" if biased else f"%t{4 * r + i}"
             out.append(f"lop3.b32 {t}, {shifted[op.shift]}, {op.mask:#010x}, {op.magic:#010x}, 0xEA;")
-            out.append(f"{fma} ${4 * r + i}, {t}, {c[op.mult]}, {c[op.add]};")
+            if not biased:
+                out.append(f"{fma} ${4 * r + i}, {t}, {c[op.mult]}, {c[op.add]};")
     out.append("}")
     return "\n".join(out)
 
 
-def _mma_asm(f16: bool, kk: int) -> str:
+def _mma_asm(f16: bool, kk: int, bias: int | None = None) -> str:
     """PTX: 4 tiles (r) of D = A_r B + C_r; outputs $4r..$4r+3, inputs C_r $16 + 4r.., A_r $32 + 4r..,
-    B $48..$51, metadata words $52..$55 (word 2 kk + r // 2, sparsity selector r % 2)."""
+    B $48..$51, metadata words $52..$55 (word 2 kk + r // 2, sparsity selector r % 2). ``bias`` (a
+    packed constant, ``zmma``): first D_r = bias B + C_r for the 4 tiles (every A register = bias,
+    the same kept positions; independent of the decode and of each other), then D_r += A_r B."""
     ty = "f16" if f16 else "bf16"
-    out = []
-    for r in range(4):
-        d = ",".join(f"${4 * r + i}" for i in range(4))
-        c = ",".join(f"${16 + 4 * r + i}" for i in range(4))
-        a = ",".join(f"${32 + 4 * r + i}" for i in range(4))
-        out.append(
-            f"mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{ty}.{ty}.f32 "
-            f"{{{d}}}, {{{a}}}, {{$48,$49,$50,$51}}, {{{c}}}, ${52 + 2 * kk + r // 2}, {r % 2};"
-        )
+    op = f"mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{ty}.{ty}.f32"
+    out = [] if bias is None else ["{", ".reg .b32 %k;", f"mov.b32 %k, {bias:#010x};"]
+    tiles = [
+        (",".join(f"${4 * r + i}" for i in range(4)), ",".join(f"${16 + 4 * r + i}" for i in range(4)),
+         ",".join(f"${32 + 4 * r + i}" for i in range(4)), f"${52 + 2 * kk + r // 2}, {r % 2}")
+        for r in range(4)
+    ]  # fmt: skip
+    if bias is not None:
+        out += [f"{op} {{{d}}}, {{%k,%k,%k,%k}}, {{$48,$49,$50,$51}}, {{{c}}}, {m};" for d, c, _, m in tiles]
+        out += [f"{op} {{{d}}}, {{{a}}}, {{$48,$49,$50,$51}}, {{{d}}}, {m};" for d, _, a, m in tiles]
+        return "\n".join([*out, "}"])
+    out += [f"{op} {{{d}}}, {{{a}}}, {{$48,$49,$50,$51}}, {{{c}}}, {m};" for d, c, a, m in tiles]
     return "\n".join(out)
 
 
@@ -144,15 +174,20 @@ DEC2_F16_0: tl.constexpr = tl.constexpr(_decode_asm(2, True, 0))
 DEC2_F16_1: tl.constexpr = tl.constexpr(_decode_asm(2, True, 1))
 MMA_BF16_0: tl.constexpr = tl.constexpr(_mma_asm(False, 0))
 MMA_BF16_1: tl.constexpr = tl.constexpr(_mma_asm(False, 1))
+DEC4_BF16_Z: tl.constexpr = tl.constexpr(_decode_asm(4, False, 0, zmma=True))
+MMA4_BF16_Z0: tl.constexpr = tl.constexpr(_mma_asm(False, 0, decode_plan(4, False, 0, zmma=True)[0].add))
+MMA4_BF16_Z1: tl.constexpr = tl.constexpr(_mma_asm(False, 1, decode_plan(4, False, 1, zmma=True)[0].add))
 MMA_F16_0: tl.constexpr = tl.constexpr(_mma_asm(True, 0))
 MMA_F16_1: tl.constexpr = tl.constexpr(_mma_asm(True, 1))
 
 
 @triton.jit
-def _decode4(cw, KK: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
+def _decode4(cw, KK: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, ZMMA: tl.constexpr):
     """Code words [T, 4] (tile r in column r) -> A fragments of the 4 tiles, each [T, 4] int32."""
     if BITS == 4 and F16:
         asm: tl.constexpr = DEC4_F16
+    elif BITS == 4 and ZMMA:
+        asm: tl.constexpr = DEC4_BF16_Z
     elif BITS == 4:
         asm: tl.constexpr = DEC4_BF16
     elif F16 and KK == 0:
@@ -167,12 +202,18 @@ def _decode4(cw, KK: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
 
 
 @triton.jit
-def _mma4(c0, c1, c2, c3, a0, a1, a2, a3, b, m, KK: tl.constexpr, F16: tl.constexpr):
-    """C_r += A_r B for the 4 tiles (sparse tensor cores); every operand [T, 4] (a thread's registers)."""
+def _mma4(c0, c1, c2, c3, a0, a1, a2, a3, b, m, KK: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr,
+          ZMMA: tl.constexpr):  # fmt: skip
+    """C_r += A_r B for the 4 tiles (sparse tensor cores); every operand [T, 4] (a thread's registers);
+    with ZMMA (4-bit bf16) A is ``_decode4``'s offset form and a constant mma per tile removes it."""
     if F16 and KK == 0:
         asm: tl.constexpr = MMA_F16_0
     elif F16:
         asm: tl.constexpr = MMA_F16_1
+    elif BITS == 4 and ZMMA and KK == 0:
+        asm: tl.constexpr = MMA4_BF16_Z0
+    elif BITS == 4 and ZMMA:
+        asm: tl.constexpr = MMA4_BF16_Z1
     elif KK == 0:
         asm: tl.constexpr = MMA_BF16_0
     else:
@@ -294,10 +335,11 @@ def _store_tile(
     GROUP: tl.constexpr,
     atomic,
     PAIRS: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    """out[tok, row] += acc / 2 (x the row scale) for tile r, token block jn (atomically if
-    ``atomic``: see ``_red_add``); acc [T, 4] as mma.sp leaves it: element i = row 16 r + g +
-    8 (i // 2), token 8 jn + 2 p + i % 2."""
+    """out[tok, row] += acc x ACC (``acc_scale``) x the row scale for tile r, token block jn
+    (atomically if ``atomic``: see ``_red_add``); acc [T, 4] as mma.sp leaves it: element i = row
+    16 r + g + 8 (i // 2), token 8 jn + 2 p + i % 2."""
     row = (blk * 64 + 16 * r + g)[:, None] + 8 * (i4 // 2)[None, :]
     m = start + (8 * jn + 2 * p)[:, None] + (i4 % 2)[None, :]
     ok = (row < N) & (m < seg_hi)
@@ -306,10 +348,10 @@ def _store_tile(
         acc = acc * tl.load(sc_ptr + s64 * s_ss + row * s_sn, mask=ok, other=0.0)
     o_ptrs = out_ptr + tok * s_ot + row * s_on
     if atomic:
-        _red_add(o_ptrs, 0.5 * acc, ok, PAIRS)
+        _red_add(o_ptrs, ACC * acc, ok, PAIRS)
     else:
         prev = tl.load(o_ptrs, mask=ok, other=0.0)
-        tl.store(o_ptrs, (prev.to(tl.float32) + 0.5 * acc).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(o_ptrs, (prev.to(tl.float32) + ACC * acc).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -360,6 +402,7 @@ def _step(
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     F16: tl.constexpr,
+    ZMMA: tl.constexpr,
 ):
     """The 8 accumulators (tile r, token block j: c_rj, [T, 4]) after step u, whose loaded words
     and x fragments are ``data`` (``_load_step``)."""
@@ -377,14 +420,14 @@ def _step(
         q31 = tl.zeros((T, 4), dtype=tl.float32)
     else:
         q00, q10, q20, q30, q01, q11, q21, q31 = c00, c10, c20, c30, c01, c11, c21, c31
-    f0, f1, f2, f3 = _decode4(cw_a, 0, BITS, F16)
-    q00, q10, q20, q30 = _mma4(q00, q10, q20, q30, f0, f1, f2, f3, x0, mw, 0, F16)
+    f0, f1, f2, f3 = _decode4(cw_a, 0, BITS, F16, ZMMA)
+    q00, q10, q20, q30 = _mma4(q00, q10, q20, q30, f0, f1, f2, f3, x0, mw, 0, BITS, F16, ZMMA)
     if BLOCK_M == 16:
-        q01, q11, q21, q31 = _mma4(q01, q11, q21, q31, f0, f1, f2, f3, y0, mw, 0, F16)
-    f0, f1, f2, f3 = _decode4(cw_b, 1, BITS, F16)
-    q00, q10, q20, q30 = _mma4(q00, q10, q20, q30, f0, f1, f2, f3, x1, mw, 1, F16)
+        q01, q11, q21, q31 = _mma4(q01, q11, q21, q31, f0, f1, f2, f3, y0, mw, 0, BITS, F16, ZMMA)
+    f0, f1, f2, f3 = _decode4(cw_b, 1, BITS, F16, ZMMA)
+    q00, q10, q20, q30 = _mma4(q00, q10, q20, q30, f0, f1, f2, f3, x1, mw, 1, BITS, F16, ZMMA)
     if BLOCK_M == 16:
-        q01, q11, q21, q31 = _mma4(q01, q11, q21, q31, f0, f1, f2, f3, y1, mw, 1, F16)
+        q01, q11, q21, q31 = _mma4(q01, q11, q21, q31, f0, f1, f2, f3, y1, mw, 1, BITS, F16, ZMMA)
     if GROUP > 0:
         gi = tl.minimum((u * 64) // GROUP, n_groups - 1)
         c00 = _fold(c00, q00, 0, blk, g, i4, N, sc_base, s_sn, gi)
@@ -440,6 +483,8 @@ def _task(
     STAGES: tl.constexpr,
     PAIRS: tl.constexpr,
     XDIRECT: tl.constexpr,
+    ZMMA: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """out[tokens start..seg_hi, rows of group rg] += their part of steps [u_lo, u_hi) of slot s
     (atomic adds if ``atomic``): each warp 64 rows (row block WARPS rg + warp)."""
@@ -490,7 +535,7 @@ def _task(
     if STAGES > 0:  # Triton's pipeliner: a ring of STAGES steps in shared memory (cp.async)
         for u in tl.range(u_lo, u_hi, num_stages=STAGES):
             acc = _step(acc, _load_step(*ld, u, BITS, BLOCK_M), u, *cst, BITS=BITS, GROUP=GROUP,
-                        BLOCK_M=BLOCK_M, F16=F16)
+                        BLOCK_M=BLOCK_M, F16=F16, ZMMA=ZMMA)
     elif DEPTH >= 3:  # DEPTH - 1 buffers (nxt, two[, three]), each refilled right after its step
         NBUF: tl.constexpr = DEPTH - 1
         nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)
@@ -498,14 +543,14 @@ def _task(
         if DEPTH == 4:
             three = _load_step(*ld, tl.minimum(u_lo + 2, last), BITS, BLOCK_M)
         for u in range(u_lo, u_hi, NBUF):
-            acc = _step(acc, nxt, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
+            acc = _step(acc, nxt, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16, ZMMA=ZMMA)
             nxt = _load_step(*ld, tl.minimum(u + NBUF, last), BITS, BLOCK_M)
             if u + 1 < u_hi:
-                acc = _step(acc, two, u + 1, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
+                acc = _step(acc, two, u + 1, *cst, BITS, GROUP, BLOCK_M, F16, ZMMA)
             two = _load_step(*ld, tl.minimum(u + 1 + NBUF, last), BITS, BLOCK_M)
             if DEPTH == 4:
                 if u + 2 < u_hi:
-                    acc = _step(acc, three, u + 2, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
+                    acc = _step(acc, three, u + 2, *cst, BITS, GROUP, BLOCK_M, F16, ZMMA)
                 three = _load_step(*ld, tl.minimum(u + 2 + NBUF, last), BITS, BLOCK_M)
     elif DEPTH == 2:
         nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)
@@ -514,15 +559,15 @@ def _task(
             cur = nxt
             nxt = two
             two = _load_step(*ld, tl.minimum(u + 2, last), BITS, BLOCK_M)
-            acc = _step(acc, cur, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
+            acc = _step(acc, cur, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16, ZMMA=ZMMA)
     else:
         nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)
         for u in range(u_lo, u_hi):
             cur = nxt
             nxt = _load_step(*ld, tl.minimum(u + 1, last), BITS, BLOCK_M)
-            acc = _step(acc, cur, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
+            acc = _step(acc, cur, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16, ZMMA=ZMMA)
     c00, c10, c20, c30, c01, c11, c21, c31 = acc
-    a = (start, seg_hi, N, s64, order_ptr, sc_ptr, s_ss, s_sn, out_ptr, s_ot, s_on, GROUP, atomic, PAIRS)
+    a = (start, seg_hi, N, s64, order_ptr, sc_ptr, s_ss, s_sn, out_ptr, s_ot, s_on, GROUP, atomic, PAIRS, ACC)
     _store_tile(c00, 0, 0, blk, g, p, i4, *a)
     _store_tile(c10, 1, 0, blk, g, p, i4, *a)
     _store_tile(c20, 2, 0, blk, g, p, i4, *a)
@@ -565,11 +610,14 @@ def _sbmm24_kernel(
     STREAM: tl.constexpr,
     PAIRS: tl.constexpr,
     XDIRECT: tl.constexpr,
+    ZMMA: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """x_ptr: ``permute_x(x)`` as int32 (bf16 pairs; x itself viewed as int32 if XDIRECT), dw_ptr:
     the slot layout as int32. One step = 64 inputs = 2 sparse mma k-steps per tile and token block
     of 8. A task = (work item, group of WARPS row blocks of 64). GROUP: 0 (row scale at the end) or
-    a multiple of 64 (folded per step). DEPTH, STAGES: see ``_task``; PAIRS: ``_red_add``. Grids:
+    a multiple of 64 (folded per step). DEPTH, STAGES: see ``_task``; PAIRS: ``_red_add``; ZMMA:
+    ``Config.zmma``, ACC: ``acc_scale``. Grids:
     - STREAM: (programs,), each runs an equal share of all tasks' steps (stream-K), in order;
       pieces of a task add atomically.
     - else (row groups x SPLIT, work items): one task per program, split-K over SPLIT programs
@@ -585,7 +633,7 @@ def _sbmm24_kernel(
             _task(
                 x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, piece, *args,
                 BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
-                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT,
+                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT, ZMMA=ZMMA, ACC=ACC,
             )  # fmt: skip
             cur += u_hi - u_lo
     else:
@@ -598,7 +646,7 @@ def _sbmm24_kernel(
             _task(
                 x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, SPLIT > 1, *args,
                 BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
-                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT,
+                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT, ZMMA=ZMMA, ACC=ACC,
             )  # fmt: skip
 
 
@@ -750,7 +798,8 @@ class Config(NamedTuple):
     ``stages``: > 0 replaces the register pipeline by a ring of that many steps in shared memory
     (Triton's pipeliner: cp.async; ~55 registers instead of 90-106). ``xdirect``: read x's B
     fragments from x itself (4 four-byte loads) instead of a permuted copy made per call (one
-    kernel less; K a multiple of 64)."""
+    kernel less; K a multiple of 64). ``zmma``: where ``zero_point_mma`` (4-bit bf16), a constant
+    mma per tile takes the zero point instead of a packed FMA per register."""
 
     block_m: int
     num_warps: int = 4
@@ -760,6 +809,7 @@ class Config(NamedTuple):
     maxnreg: int | None = None
     stages: int = 0
     xdirect: bool = False
+    zmma: bool = False
 
 
 # Candidates for Hopper (benchmarks/NOTES-sbmm.md, v6: the H200 sweep of every config on the 30
@@ -805,8 +855,15 @@ SPLIT_CONFIGS = [
 ]
 PREFILL_CONFIGS = [Config(16, 4, depth=3), Config(16, 8), Config(16, 4)]
 # Not picked by the tuner until measured: the benchmark checks them against the reference and
-# times them in its sweep, the GPU tests run them (none now: session 6 promoted the xdirect ones).
-TRIAL_CONFIGS: list[Config] = []
+# times them in its sweep, the GPU tests run them. ``zmma`` with the 4 constant mmas issued ahead
+# of the 4 that need the decode (NOTES-sbmm.md v7 item 4: issued in pairs they were a dependent
+# chain and lost); 2-bit and fp16 ignore it.
+TRIAL_CONFIGS = [
+    Config(8, 4, 2, depth=3, zmma=True),
+    Config(8, 4, stages=4, zmma=True),
+    Config(8, 4, stream=3, stages=6, zmma=True),
+    Config(8, 1, 8, stages=4, xdirect=True, zmma=True),
+]
 INTERPRET_BLOCK = (16, 32)  # (tokens, rows) per program of the interpreter kernel
 TUNER = Tuner(graph=True)
 
@@ -932,8 +989,11 @@ def sbmm_device(
         )  # fmt: skip
         return out
 
+    f16 = x.dtype == torch.float16
+
     def launch(c: Config, o: torch.Tensor, p: Plan = p) -> None:
         direct = c.xdirect and k % L.STEP_K == 0 and x.data_ptr() % 4 == 0
+        zmma = c.zmma and zero_point_mma(bits, f16)
         xk = x.reshape(-1).view(torch.int32) if direct else permute_x(x, k)  # rows: k / 2 or steps * 32
         # split / stream pieces add 2 adjacent rows per reduction where out allows it (_red_add)
         pairs = o.stride(1) == 1 and o.stride(0) % 2 == 0 and n % 2 == 0 and o.data_ptr() % 4 == 0
@@ -947,8 +1007,9 @@ def sbmm_device(
             xk, dw32, scales, o, p.order, p.seg, n, n_slots, nb, steps, scales.shape[2], xk.numel() // t,
             dw32.stride(0), scales.stride(0), scales.stride(1), o.stride(0), o.stride(1),
             BITS=bits, GROUP=group_size or 0, S_P2=max(64, next_pow2(n_slots)), BLOCK_M=c.block_m,
-            WARPS=c.num_warps, F16=x.dtype == torch.float16, SPLIT=c.split, DEPTH=c.depth,
-            STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, XDIRECT=direct, num_warps=c.num_warps,
+            WARPS=c.num_warps, F16=f16, SPLIT=c.split, DEPTH=c.depth,
+            STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, XDIRECT=direct, ZMMA=zmma,
+            ACC=acc_scale(bits, f16, zmma), num_warps=c.num_warps,
             num_stages=max(1, c.stages), maxnreg=c.maxnreg,
         )  # fmt: skip
 

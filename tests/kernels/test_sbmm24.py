@@ -10,11 +10,13 @@ from deltahub.kernels import plan, reference
 from deltahub.kernels.sbmm24 import (
     Config,
     _red_pairs_asm,
+    acc_scale,
     decode_plan,
     permute_x,
     permute_x_torch,
     sbmm_device,
     tune_key,
+    zero_point_mma,
 )
 
 from deltahub import kernels as K
@@ -162,12 +164,14 @@ def test_sbmm_device_stream_k_grid(programs):
     _run(2, "hot_base", torch.float16, t=9, s=6, n=70, k=300, group_size=128, config=cfg, seed=programs)
 
 
+@pytest.mark.parametrize("zmma", [False, True])
 @pytest.mark.parametrize("f16", [False, True])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_decode_plan_gives_two_times_code_minus_zero_exactly(bits, f16):
-    """The PTX decode's arithmetic, emulated: shift, mask | magic, then one fma of the 16-bit
-    halves must give 2 (c - z) exactly for every code of both halves (the asm is rendered from
-    this plan; the GPU tests run it)."""
+def test_decode_plan_gives_code_minus_zero_exactly(bits, f16, zmma):
+    """The PTX decode's arithmetic, emulated: shift, mask | magic, then t mult + add (one fma of the
+    16-bit halves, or with ``zmma`` a second mma adding the constant ``add`` per kept value) must
+    give (c - z) / ``acc_scale`` exactly for every code of both halves (the asm is rendered from
+    this plan; the GPU tests run it). ``zmma`` applies to 4-bit bf16 only."""
     dt = torch.float16 if f16 else torch.bfloat16
     w = torch.randint(0, 2**32, (4096,), generator=torch.Generator().manual_seed(bits), dtype=torch.int64)
 
@@ -176,8 +180,10 @@ def test_decode_plan_gives_two_times_code_minus_zero_exactly(bits, f16):
         pair = torch.stack([v & 0xFFFF, v >> 16], -1)
         return (pair - (pair >= 2**15) * 2**16).to(torch.int16).view(dt).double()
 
+    biased = zmma and zero_point_mma(bits, f16)
+    assert biased == (zmma and (bits, f16) == (4, False))
     for kk in (0, 1):
-        plan_ = decode_plan(bits, f16, kk)
+        plan_ = decode_plan(bits, f16, kk, zmma)
         n_shifts = len({op.shift for op in plan_} - {0})
         assert n_shifts == {(2, False): 2, (2, True): 1, (4, False): 4, (4, True): 2}[(bits, f16)]
         for i, op in enumerate(plan_):
@@ -185,8 +191,11 @@ def test_decode_plan_gives_two_times_code_minus_zero_exactly(bits, f16):
             got = halves((t & op.mask) | op.magic) * halves(op.mult) + halves(op.add)
             o = 4 * i if bits == 4 else 2 * (4 * kk + i)
             c = torch.stack([(w >> o) & (2**bits - 1), (w >> (o + 16)) & (2**bits - 1)], -1)
-            assert torch.equal(got, 2 * c.double() - (2**bits - 1)), (kk, i, op)
+            want = (c.double() - (2**bits - 1) / 2) / acc_scale(bits, f16, zmma)
+            assert torch.equal(got, want), (kk, i, op)
             assert torch.equal(got.to(dt).double(), got)  # the one rounding of the fma is exact
+        if biased:  # no FMA: t itself is A, and one constant A for every register of the second mma
+            assert {op.mult for op in plan_} == {0x3F803F80} and len({op.add for op in plan_}) == 1
 
 
 def _run_warp_asm(asm: str, operands: list[list]) -> dict[int, float]:
