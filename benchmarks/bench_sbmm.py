@@ -3,7 +3,7 @@
 
 Usage: python benchmarks/bench_sbmm.py [--out DIR] [--quick] [--sweep] [--no-trial] [--layouts 4:2:4,2:2:4]
                                        [--plot-from JSON]   (on the device: benchmarks/device_sbmm.sh)
-       python benchmarks/bench_sbmm.py --one BITS,K,N,B,ND[,CONFIG]   (one case, for ncu; maxnreg 0 = none)
+       python benchmarks/bench_sbmm.py --one BITS,K,N,B,ND[,CONFIG] ...  (cases, for ncu; maxnreg 0 = none)
 
 Builds random packed deltas of Llama-2-7B projection shapes on the device (valid 2:4 positions, random
 codes, per-row scales; 2:4 2/4-bit ones repacked into the GPU slot layout, kernels/layout.py, and run
@@ -525,10 +525,10 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", metavar="JSON", help="keep this file's rows for shapes not run now")
     ap.add_argument("--plot-from", metavar="JSON", help="only redraw sbmm.png from a results file (no GPU)")
     ap.add_argument("--no-trial", action="store_true", help="leave out sbmm24.TRIAL_CONFIGS")
-    ap.add_argument("--one", metavar="BITS,K,N,B,ND[,CONFIG]", help="launch one case a few times (for ncu)")
+    ap.add_argument("--one", nargs="+", metavar="BITS,K,N,B,ND[,CFG]", help="launch cases a few times (ncu)")
     args = ap.parse_args(argv)
     if args.one:
-        return one_case(args.one)
+        return max(one_case(spec) for spec in args.one)
     if args.plot_from:
         plot(json.loads(Path(args.plot_from).read_text())["rows"], Path(args.out) / "sbmm.png")
         return 0

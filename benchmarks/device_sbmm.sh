@@ -2,8 +2,8 @@
 # The SBMM device call (the `run` tool, repository root, carry ["benchmarks/quality/data/carry1/wheels"]):
 #   bash benchmarks/device_sbmm.sh [BENCH_ARGS...] [-- NCU_CASE...]
 # e.g. `bash benchmarks/device_sbmm.sh --quick --sweep -- 4,4096,4096,32,16,8,4,4,2,0,0,3`.
-# 1. Launches every trial config once in its own process (`bench_sbmm.py --one`): a config that
-#    faults (a sticky CUDA error kills the process) drops the trial list from the benchmark.
+# 1. Launches every trial config (4- and 2-bit) in a process of their own (`bench_sbmm.py --one`):
+#    if one faults (a sticky CUDA error kills the process), the benchmark runs without them.
 # 2. The benchmark (`--no-sgmv --merge docs/benchmarks/sbmm.json` + BENCH_ARGS) -> $OUT.
 # 3. ncu on each NCU_CASE (benchmarks/ncu_sbmm.sh).
 # 4. The GPU tests last (benchmarks/device_check.sh), so a fault there costs no measurement.
@@ -18,16 +18,12 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$S
 trials=$(cd /tmp && PYTHONPATH=$SITE python3 -c "
 from deltahub.kernels import sbmm24
 print(' '.join(','.join(str(int(v or 0)) for v in c) for c in sbmm24.TRIAL_CONFIGS))")
-for c in $trials; do  # listed from the installed copy (from /tmp: see device_check.sh)
-    for bits in 4 2; do
-        if ! PYTHONPATH=$SITE timeout 120 python3 benchmarks/bench_sbmm.py --one "$bits,4096,4096,32,16,$c" \
-            > "$OUT/trial_${bits}_$c.txt" 2>&1; then
-            echo "trial config $c faults at $bits bits: benchmark without trial configs"
-            BENCH+=(--no-trial)
-            break 2
-        fi
-    done
-done
+cases=$(for c in $trials; do echo "4,4096,4096,32,16,$c 2,4096,4096,32,16,$c"; done)
+if [ -n "$cases" ] && ! PYTHONPATH=$SITE timeout 240 python3 benchmarks/bench_sbmm.py --one $cases \
+    > "$OUT/trials.txt" 2>&1; then
+    echo "a trial config faults (trials.txt): benchmark without trial configs"
+    BENCH+=(--no-trial)
+fi
 PYTHONPATH=$SITE timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_sbmm.py --no-sgmv --merge docs/benchmarks/sbmm.json \
     --out "$OUT" "${BENCH[@]}" > "$OUT/sbmm_log.txt" 2>&1
 echo "benchmark rc $?"; grep -E "^ceilings|fails|Error" "$OUT/sbmm_log.txt" | head -20
