@@ -65,15 +65,20 @@ def _f16_bits(v: float, f16: bool) -> int:
 
 def zero_point_mma(bits: int, f16: bool) -> bool:
     """Whether a layout can leave its zero point to the tensor cores (``Config.zmma``): the decode
-    stops at t = 1 + c 2^(q-7) and one more mma per tile, whose A registers all hold -(1 + z
-    2^(q-7)), subtracts it. That constant is exact in bf16 only with q = 1 in every register,
-    which 4-bit bf16 has (a shift per register); the other layouts share shifts, so their q differ."""
-    return bits == 4 and not f16
+    stops at t = 1 + c 2^(q-7) (a LOP3 into the mantissa of 1.0) and one more mma per tile, whose A
+    registers hold -(1 + z 2^(q-7)), subtracts it, so the packed FMAs go. One accumulator sums both
+    rows of a register pair's k-groups, so q must be one value per output row: 4-bit has q = 1
+    everywhere (a shift per register), 2-bit q = 1 for the first row and 3 for the second (a shift
+    per pair of registers, as without zmma). bf16 only (fp16 would need more shifts)."""
+    return not f16
 
 
-def acc_scale(bits: int, f16: bool, zmma: bool = False) -> float:
-    """What the accumulators are multiplied by at the end to give sum (c - z) x (then by the scale)."""
-    return 2.0 ** (7 - 1) if zmma and zero_point_mma(bits, f16) else 0.5
+def acc_scale(bits: int, f16: bool, zmma: bool = False) -> tuple[float, float]:
+    """What the accumulators of the first and second output row of a tile (elements 0-1, 2-3) are
+    multiplied by at the end to give sum (c - z) x (then by the scale): 2^(7-q) with ``zmma``."""
+    if zmma and zero_point_mma(bits, f16):
+        return (64.0, 64.0) if bits == 4 else (64.0, 16.0)
+    return 0.5, 0.5
 
 
 def decode_plan(bits: int, f16: bool, kk: int, zmma: bool = False) -> list[DecodeOp]:
@@ -81,20 +86,23 @@ def decode_plan(bits: int, f16: bool, kk: int, zmma: bool = False) -> list[Decod
     each half, with 1 <= q <= mantissa bits - bits (t exact; and M 2^(1-q) + 2^bits - 1 exact, which
     q = 0 is not). Registers share one shift when their codes fit the same window: 2-bit bf16 needs
     2 shifts per sub-step, fp16 1 (4-bit: bf16 4, fp16 2). The result is 2 (c - z), or with ``zmma``
-    (where ``zero_point_mma``) M = 1 and (c - z) 2^(q-7) once the second mma adds ``add``."""
+    (where ``zero_point_mma``) M = 1, a shift per register pair (2-bit) or register (4-bit), and
+    (c - z) 2^(q-7) once the second mma adds ``add``."""
     biased = zmma and zero_point_mma(bits, f16)
     mant, big = (10, 1024.0) if f16 else (7, 128.0)
     if biased:
         big = 1.0
     q_max = mant - bits
+    z = ((1 << bits) - 1) / 2
     ops, shift = [], None
     for i in range(4):
         o = 4 * i if bits == 4 else 2 * (4 * kk + i)
-        if shift is None or not 1 <= o - shift <= q_max:
+        if biased:  # rows: registers 0, 2 and 1, 3; q = 1 for the even register of a pair
+            shift = (4 * i if bits == 4 else 2 * (4 * kk + i - i % 2)) - 1
+        elif shift is None or not 1 <= o - shift <= q_max:
             shift = o - 1
         q = o - shift
-        assert not biased or q == 1, "zmma needs q = 1 in every register (one constant, one acc_scale)"
-        z = ((1 << bits) - 1) / 2
+        assert 1 <= q <= q_max and (not biased or 2.0 ** (7 - q) == acc_scale(bits, f16, zmma)[i % 2])
         mult = 1.0 if biased else 2.0 ** (1 - q)
         add = -(1.0 + z * 2.0 ** (q - mant)) if biased else -(big * mult + 2 * z)
         half = lambda v: _f16_bits(v, f16)  # noqa: E731
@@ -143,21 +151,25 @@ def _decode_asm(bits: int, f16: bool, kk: int, zmma: bool = False) -> str:
     return "\n".join(out)
 
 
-def _mma_asm(f16: bool, kk: int, bias: int | None = None) -> str:
+def _mma_asm(f16: bool, kk: int, bias: tuple[int, int] | None = None) -> str:
     """PTX: 4 tiles (r) of D = A_r B + C_r; outputs $4r..$4r+3, inputs C_r $16 + 4r.., A_r $32 + 4r..,
-    B $48..$51, metadata words $52..$55 (word 2 kk + r // 2, sparsity selector r % 2). ``bias`` (a
-    packed constant, ``zmma``): first D_r = bias B + C_r for the 4 tiles (every A register = bias,
-    the same kept positions; independent of the decode and of each other), then D_r += A_r B."""
+    B $48..$51, metadata words $52..$55 (word 2 kk + r // 2, sparsity selector r % 2). ``bias`` (the
+    packed constants of the first and second row, ``zmma``): first D_r = bias B + C_r for the 4
+    tiles (A registers 0, 2 = the first, 1, 3 = the second; the same kept positions; independent of
+    the decode and of each other), then D_r += A_r B."""
     ty = "f16" if f16 else "bf16"
     op = f"mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{ty}.{ty}.f32"
-    out = [] if bias is None else ["{", ".reg .b32 %k;", f"mov.b32 %k, {bias:#010x};"]
+    out = []
+    if bias is not None:  # registers %k0, %k1: the two rows' constants
+        out = ["{", ".reg .b32 %k<2>;", *(f"mov.b32 %k{h}, {v:#010x};" for h, v in enumerate(bias))]
     tiles = [
         (",".join(f"${4 * r + i}" for i in range(4)), ",".join(f"${16 + 4 * r + i}" for i in range(4)),
          ",".join(f"${32 + 4 * r + i}" for i in range(4)), f"${52 + 2 * kk + r // 2}, {r % 2}")
         for r in range(4)
     ]  # fmt: skip
     if bias is not None:
-        out += [f"{op} {{{d}}}, {{%k,%k,%k,%k}}, {{$48,$49,$50,$51}}, {{{c}}}, {m};" for d, c, _, m in tiles]
+        k = "%k0,%k1,%k0,%k1"  # A registers 0, 2: the first row; 1, 3: the second
+        out += [f"{op} {{{d}}}, {{{k}}}, {{$48,$49,$50,$51}}, {{{c}}}, {m};" for d, c, _, m in tiles]
         out += [f"{op} {{{d}}}, {{{a}}}, {{$48,$49,$50,$51}}, {{{d}}}, {m};" for d, _, a, m in tiles]
         return "\n".join([*out, "}"])
     out += [f"{op} {{{d}}}, {{{a}}}, {{$48,$49,$50,$51}}, {{{c}}}, {m};" for d, c, a, m in tiles]
@@ -175,8 +187,20 @@ DEC2_F16_1: tl.constexpr = tl.constexpr(_decode_asm(2, True, 1))
 MMA_BF16_0: tl.constexpr = tl.constexpr(_mma_asm(False, 0))
 MMA_BF16_1: tl.constexpr = tl.constexpr(_mma_asm(False, 1))
 DEC4_BF16_Z: tl.constexpr = tl.constexpr(_decode_asm(4, False, 0, zmma=True))
-MMA4_BF16_Z0: tl.constexpr = tl.constexpr(_mma_asm(False, 0, decode_plan(4, False, 0, zmma=True)[0].add))
-MMA4_BF16_Z1: tl.constexpr = tl.constexpr(_mma_asm(False, 1, decode_plan(4, False, 1, zmma=True)[0].add))
+DEC2_BF16_Z0: tl.constexpr = tl.constexpr(_decode_asm(2, False, 0, zmma=True))
+DEC2_BF16_Z1: tl.constexpr = tl.constexpr(_decode_asm(2, False, 1, zmma=True))
+
+
+def _bias(bits: int, kk: int) -> tuple[int, int]:
+    """The zmma constants (first row, second row) of a bf16 layout's sub-step kk."""
+    plan_ = decode_plan(bits, False, kk, zmma=True)
+    return plan_[0].add, plan_[1].add
+
+
+MMA4_BF16_Z0: tl.constexpr = tl.constexpr(_mma_asm(False, 0, _bias(4, 0)))
+MMA4_BF16_Z1: tl.constexpr = tl.constexpr(_mma_asm(False, 1, _bias(4, 1)))
+MMA2_BF16_Z0: tl.constexpr = tl.constexpr(_mma_asm(False, 0, _bias(2, 0)))
+MMA2_BF16_Z1: tl.constexpr = tl.constexpr(_mma_asm(False, 1, _bias(2, 1)))
 MMA_F16_0: tl.constexpr = tl.constexpr(_mma_asm(True, 0))
 MMA_F16_1: tl.constexpr = tl.constexpr(_mma_asm(True, 1))
 
@@ -194,6 +218,10 @@ def _decode4(cw, KK: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, ZMMA: 
         asm: tl.constexpr = DEC2_F16_0
     elif F16:
         asm: tl.constexpr = DEC2_F16_1
+    elif ZMMA and KK == 0:
+        asm: tl.constexpr = DEC2_BF16_Z0
+    elif ZMMA:
+        asm: tl.constexpr = DEC2_BF16_Z1
     elif KK == 0:
         asm: tl.constexpr = DEC2_BF16_0
     else:
@@ -205,7 +233,7 @@ def _decode4(cw, KK: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, ZMMA: 
 def _mma4(c0, c1, c2, c3, a0, a1, a2, a3, b, m, KK: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr,
           ZMMA: tl.constexpr):  # fmt: skip
     """C_r += A_r B for the 4 tiles (sparse tensor cores); every operand [T, 4] (a thread's registers);
-    with ZMMA (4-bit bf16) A is ``_decode4``'s offset form and a constant mma per tile removes it."""
+    with ZMMA (bf16) A is ``_decode4``'s offset form and a constant mma per tile removes it."""
     if F16 and KK == 0:
         asm: tl.constexpr = MMA_F16_0
     elif F16:
@@ -214,6 +242,10 @@ def _mma4(c0, c1, c2, c3, a0, a1, a2, a3, b, m, KK: tl.constexpr, BITS: tl.const
         asm: tl.constexpr = MMA4_BF16_Z0
     elif BITS == 4 and ZMMA:
         asm: tl.constexpr = MMA4_BF16_Z1
+    elif ZMMA and KK == 0:
+        asm: tl.constexpr = MMA2_BF16_Z0
+    elif ZMMA:
+        asm: tl.constexpr = MMA2_BF16_Z1
     elif KK == 0:
         asm: tl.constexpr = MMA_BF16_0
     else:
@@ -335,12 +367,14 @@ def _store_tile(
     GROUP: tl.constexpr,
     atomic,
     PAIRS: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC0: tl.constexpr,
+    ACC1: tl.constexpr,
 ):
-    """out[tok, row] += acc x ACC (``acc_scale``) x the row scale for tile r, token block jn
-    (atomically if ``atomic``: see ``_red_add``); acc [T, 4] as mma.sp leaves it: element i = row
-    16 r + g + 8 (i // 2), token 8 jn + 2 p + i % 2."""
+    """out[tok, row] += acc x ACC0 / ACC1 (``acc_scale`` of the tile's first / second row) x the
+    row scale for tile r, token block jn (atomically if ``atomic``: see ``_red_add``); acc [T, 4]
+    as mma.sp leaves it: element i = row 16 r + g + 8 (i // 2), token 8 jn + 2 p + i % 2."""
     row = (blk * 64 + 16 * r + g)[:, None] + 8 * (i4 // 2)[None, :]
+    acc = acc * tl.where(i4 < 2, ACC0, ACC1)[None, :]
     m = start + (8 * jn + 2 * p)[:, None] + (i4 % 2)[None, :]
     ok = (row < N) & (m < seg_hi)
     tok = tl.load(order_ptr + m, mask=ok, other=0)
@@ -348,10 +382,10 @@ def _store_tile(
         acc = acc * tl.load(sc_ptr + s64 * s_ss + row * s_sn, mask=ok, other=0.0)
     o_ptrs = out_ptr + tok * s_ot + row * s_on
     if atomic:
-        _red_add(o_ptrs, ACC * acc, ok, PAIRS)
+        _red_add(o_ptrs, acc, ok, PAIRS)
     else:
         prev = tl.load(o_ptrs, mask=ok, other=0.0)
-        tl.store(o_ptrs, (prev.to(tl.float32) + ACC * acc).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(o_ptrs, (prev.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -484,7 +518,8 @@ def _task(
     PAIRS: tl.constexpr,
     XDIRECT: tl.constexpr,
     ZMMA: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC0: tl.constexpr,
+    ACC1: tl.constexpr,
 ):
     """out[tokens start..seg_hi, rows of group rg] += their part of steps [u_lo, u_hi) of slot s
     (atomic adds if ``atomic``): each warp 64 rows (row block WARPS rg + warp)."""
@@ -567,7 +602,8 @@ def _task(
             nxt = _load_step(*ld, tl.minimum(u + 1, last), BITS, BLOCK_M)
             acc = _step(acc, cur, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16, ZMMA=ZMMA)
     c00, c10, c20, c30, c01, c11, c21, c31 = acc
-    a = (start, seg_hi, N, s64, order_ptr, sc_ptr, s_ss, s_sn, out_ptr, s_ot, s_on, GROUP, atomic, PAIRS, ACC)
+    a = (start, seg_hi, N, s64, order_ptr, sc_ptr, s_ss, s_sn, out_ptr, s_ot, s_on, GROUP, atomic, PAIRS,
+         ACC0, ACC1)  # fmt: skip
     _store_tile(c00, 0, 0, blk, g, p, i4, *a)
     _store_tile(c10, 1, 0, blk, g, p, i4, *a)
     _store_tile(c20, 2, 0, blk, g, p, i4, *a)
@@ -611,13 +647,14 @@ def _sbmm24_kernel(
     PAIRS: tl.constexpr,
     XDIRECT: tl.constexpr,
     ZMMA: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC0: tl.constexpr,
+    ACC1: tl.constexpr,
 ):
     """x_ptr: ``permute_x(x)`` as int32 (bf16 pairs; x itself viewed as int32 if XDIRECT), dw_ptr:
     the slot layout as int32. One step = 64 inputs = 2 sparse mma k-steps per tile and token block
     of 8. A task = (work item, group of WARPS row blocks of 64). GROUP: 0 (row scale at the end) or
     a multiple of 64 (folded per step). DEPTH, STAGES: see ``_task``; PAIRS: ``_red_add``; ZMMA:
-    ``Config.zmma``, ACC: ``acc_scale``. Grids:
+    ``Config.zmma``, ACC0 / ACC1: ``acc_scale``. Grids:
     - STREAM: (programs,), each runs an equal share of all tasks' steps (stream-K), in order;
       pieces of a task add atomically.
     - else (row groups x SPLIT, work items): one task per program, split-K over SPLIT programs
@@ -633,7 +670,7 @@ def _sbmm24_kernel(
             _task(
                 x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, piece, *args,
                 BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
-                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT, ZMMA=ZMMA, ACC=ACC,
+                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT, ZMMA=ZMMA, ACC0=ACC0, ACC1=ACC1,
             )  # fmt: skip
             cur += u_hi - u_lo
     else:
@@ -646,7 +683,7 @@ def _sbmm24_kernel(
             _task(
                 x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, SPLIT > 1, *args,
                 BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
-                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT, ZMMA=ZMMA, ACC=ACC,
+                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT, ZMMA=ZMMA, ACC0=ACC0, ACC1=ACC1,
             )  # fmt: skip
 
 
@@ -798,8 +835,8 @@ class Config(NamedTuple):
     ``stages``: > 0 replaces the register pipeline by a ring of that many steps in shared memory
     (Triton's pipeliner: cp.async; ~55 registers instead of 90-106). ``xdirect``: read x's B
     fragments from x itself (4 four-byte loads) instead of a permuted copy made per call (one
-    kernel less; K a multiple of 64). ``zmma``: where ``zero_point_mma`` (4-bit bf16), a constant
-    mma per tile takes the zero point instead of a packed FMA per register."""
+    kernel less; K a multiple of 64). ``zmma``: where ``zero_point_mma`` (bf16), a constant mma per
+    tile takes the zero point instead of a packed FMA per register."""
 
     block_m: int
     num_warps: int = 4
@@ -857,7 +894,7 @@ PREFILL_CONFIGS = [Config(16, 4, depth=3), Config(16, 8), Config(16, 4)]
 # Not picked by the tuner until measured: the benchmark checks them against the reference and
 # times them in its sweep, the GPU tests run them. ``zmma`` with the 4 constant mmas issued ahead
 # of the 4 that need the decode (NOTES-sbmm.md v7 item 4: issued in pairs they were a dependent
-# chain and lost); 2-bit and fp16 ignore it.
+# chain and lost), now for 2-bit too (fp16 ignores it).
 TRIAL_CONFIGS = [
     Config(8, 4, 2, depth=3, zmma=True),
     Config(8, 4, stages=4, zmma=True),
@@ -994,6 +1031,7 @@ def sbmm_device(
     def launch(c: Config, o: torch.Tensor, p: Plan = p) -> None:
         direct = c.xdirect and k % L.STEP_K == 0 and x.data_ptr() % 4 == 0
         zmma = c.zmma and zero_point_mma(bits, f16)
+        acc = acc_scale(bits, f16, zmma)
         xk = x.reshape(-1).view(torch.int32) if direct else permute_x(x, k)  # rows: k / 2 or steps * 32
         # split / stream pieces add 2 adjacent rows per reduction where out allows it (_red_add)
         pairs = o.stride(1) == 1 and o.stride(0) % 2 == 0 and n % 2 == 0 and o.data_ptr() % 4 == 0
@@ -1008,8 +1046,8 @@ def sbmm_device(
             dw32.stride(0), scales.stride(0), scales.stride(1), o.stride(0), o.stride(1),
             BITS=bits, GROUP=group_size or 0, S_P2=max(64, next_pow2(n_slots)), BLOCK_M=c.block_m,
             WARPS=c.num_warps, F16=f16, SPLIT=c.split, DEPTH=c.depth,
-            STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, XDIRECT=direct, ZMMA=zmma,
-            ACC=acc_scale(bits, f16, zmma), num_warps=c.num_warps,
+            STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, XDIRECT=direct, ZMMA=zmma, ACC0=acc[0],
+            ACC1=acc[1], num_warps=c.num_warps,
             num_stages=max(1, c.stages), maxnreg=c.maxnreg,
         )  # fmt: skip
 

@@ -156,7 +156,7 @@ def test_gpu_sbmm_device_asm_decode(bits, dtype):
         _check_device_layout(bits, dtype, 37, cfg, spread=("zipf", "unsorted")[i % 2])
     for cfg in PREFILL_CONFIGS if dtype == torch.bfloat16 else []:
         _check_device_layout(bits, dtype, 300, cfg, spread="uniform")
-    for cfg in [DECODE_CONFIGS[0], next(c for c in DECODE_CONFIGS if c.stages)]:
+    for cfg in [DECODE_CONFIGS[0], next(c for c in DECODE_CONFIGS if c.stages), *TRIAL_CONFIGS[:1]]:
         _check_device_layout(bits, dtype, 21, cfg, group_size=128, k=1100)
     if dtype == torch.bfloat16:
         _check_device_layout(bits, dtype, 5, None, k=4096, n=512, spread="hot_base")

@@ -171,7 +171,7 @@ def test_decode_plan_gives_code_minus_zero_exactly(bits, f16, zmma):
     """The PTX decode's arithmetic, emulated: shift, mask | magic, then t mult + add (one fma of the
     16-bit halves, or with ``zmma`` a second mma adding the constant ``add`` per kept value) must
     give (c - z) / ``acc_scale`` exactly for every code of both halves (the asm is rendered from
-    this plan; the GPU tests run it). ``zmma`` applies to 4-bit bf16 only."""
+    this plan; the GPU tests run it). ``zmma`` applies to bf16 only."""
     dt = torch.float16 if f16 else torch.bfloat16
     w = torch.randint(0, 2**32, (4096,), generator=torch.Generator().manual_seed(bits), dtype=torch.int64)
 
@@ -181,7 +181,7 @@ def test_decode_plan_gives_code_minus_zero_exactly(bits, f16, zmma):
         return (pair - (pair >= 2**15) * 2**16).to(torch.int16).view(dt).double()
 
     biased = zmma and zero_point_mma(bits, f16)
-    assert biased == (zmma and (bits, f16) == (4, False))
+    assert biased == (zmma and not f16)
     for kk in (0, 1):
         plan_ = decode_plan(bits, f16, kk, zmma)
         n_shifts = len({op.shift for op in plan_} - {0})
@@ -191,11 +191,12 @@ def test_decode_plan_gives_code_minus_zero_exactly(bits, f16, zmma):
             got = halves((t & op.mask) | op.magic) * halves(op.mult) + halves(op.add)
             o = 4 * i if bits == 4 else 2 * (4 * kk + i)
             c = torch.stack([(w >> o) & (2**bits - 1), (w >> (o + 16)) & (2**bits - 1)], -1)
-            want = (c.double() - (2**bits - 1) / 2) / acc_scale(bits, f16, zmma)
+            want = (c.double() - (2**bits - 1) / 2) / acc_scale(bits, f16, zmma)[i % 2]  # rows: i % 2
             assert torch.equal(got, want), (kk, i, op)
             assert torch.equal(got.to(dt).double(), got)  # the one rounding of the fma is exact
-        if biased:  # no FMA: t itself is A, and one constant A for every register of the second mma
-            assert {op.mult for op in plan_} == {0x3F803F80} and len({op.add for op in plan_}) == 1
+        if biased:  # no FMA: t itself is A; one constant A per row for the second mma
+            assert {op.mult for op in plan_} == {0x3F803F80}
+            assert plan_[0].add == plan_[2].add and plan_[1].add == plan_[3].add
 
 
 def _run_warp_asm(asm: str, operands: list[list]) -> dict[int, float]:
