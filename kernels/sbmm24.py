@@ -47,7 +47,7 @@ class DecodeOp(NamedTuple):
     ``t = (w >> shift) & mask | magic`` (shift < 0: left), whose halves are the 16-bit floats
     M + c 2^q exactly, then ``t mult + add``, exact and proportional to c - z (``acc_scale`` undoes
     the factor): one packed FMA per register, or with ``zmma`` (mult = 1) a second mma per tile
-    whose A registers all hold the constant ``add``."""
+    whose A registers hold their row's constant ``add``."""
 
     shift: int
     mask: int
@@ -374,7 +374,10 @@ def _store_tile(
     row scale for tile r, token block jn (atomically if ``atomic``: see ``_red_add``); acc [T, 4]
     as mma.sp leaves it: element i = row 16 r + g + 8 (i // 2), token 8 jn + 2 p + i % 2."""
     row = (blk * 64 + 16 * r + g)[:, None] + 8 * (i4 // 2)[None, :]
-    acc = acc * tl.where(i4 < 2, ACC0, ACC1)[None, :]
+    if ACC0 == ACC1:
+        acc = acc * ACC0
+    else:
+        acc = acc * tl.where(i4 < 2, ACC0, ACC1)[None, :]
     m = start + (8 * jn + 2 * p)[:, None] + (i4 % 2)[None, :]
     ok = (row < N) & (m < seg_hi)
     tok = tl.load(order_ptr + m, mask=ok, other=0)
