@@ -26,7 +26,7 @@ from pathlib import Path
 
 import triton
 from deltahub.kernels.sbmm import _sbmm_kernel, _unit_values
-from deltahub.kernels.sbmm24 import _sbmm24_kernel, acc_scale, zero_point_mma
+from deltahub.kernels.sbmm24 import _sbmm24_kernel, decode_constexprs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -78,8 +78,7 @@ def compile_slot_config(bits, bm, warps, depth=2, f16=False, stream=False, stage
     const = dict(
         BITS=bits, GROUP=0, S_P2=64, BLOCK_M=bm, WARPS=warps, F16=bool(f16), SPLIT=1, DEPTH=depth,
         STAGES=stages, STREAM=bool(stream), PAIRS=True, XDIRECT=bool(xdirect), s_on=1,
-        ZMMA=bool(zmma) and zero_point_mma(bits, bool(f16)), ACC0=acc_scale(bits, bool(f16), bool(zmma))[0],
-        ACC1=acc_scale(bits, bool(f16), bool(zmma))[1],
+        **decode_constexprs(bits, bool(f16), bool(zmma)),
     )  # fmt: skip
     xt = "*fp16" if f16 else "*bf16"
     ptrs = {"x_ptr": "*i32", "dw_ptr": "*i32", "sc_ptr": "*fp32", "out_ptr": xt}

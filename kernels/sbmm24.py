@@ -81,6 +81,13 @@ def acc_scale(bits: int, f16: bool, zmma: bool = False) -> tuple[float, float]:
     return 0.5, 0.5
 
 
+def decode_constexprs(bits: int, f16: bool, zmma: bool) -> dict:
+    """The kernel's ZMMA, ACC0 and ACC1 for a layout and ``Config.zmma`` (ignored where the layout
+    cannot take it)."""
+    acc0, acc1 = acc_scale(bits, f16, zmma)
+    return {"ZMMA": zmma and zero_point_mma(bits, f16), "ACC0": acc0, "ACC1": acc1}
+
+
 def decode_plan(bits: int, f16: bool, kk: int, zmma: bool = False) -> list[DecodeOp]:
     """The 4 registers (i) of sub-step kk: code c0 at bit o of w, c1 at o + 16, placed at bit q of
     each half, with 1 <= q <= mantissa bits - bits (t exact; and M 2^(1-q) + 2^bits - 1 exact, which
@@ -1033,8 +1040,6 @@ def sbmm_device(
 
     def launch(c: Config, o: torch.Tensor, p: Plan = p) -> None:
         direct = c.xdirect and k % L.STEP_K == 0 and x.data_ptr() % 4 == 0
-        zmma = c.zmma and zero_point_mma(bits, f16)
-        acc = acc_scale(bits, f16, zmma)
         xk = x.reshape(-1).view(torch.int32) if direct else permute_x(x, k)  # rows: k / 2 or steps * 32
         # split / stream pieces add 2 adjacent rows per reduction where out allows it (_red_add)
         pairs = o.stride(1) == 1 and o.stride(0) % 2 == 0 and n % 2 == 0 and o.data_ptr() % 4 == 0
@@ -1049,8 +1054,8 @@ def sbmm_device(
             dw32.stride(0), scales.stride(0), scales.stride(1), o.stride(0), o.stride(1),
             BITS=bits, GROUP=group_size or 0, S_P2=max(64, next_pow2(n_slots)), BLOCK_M=c.block_m,
             WARPS=c.num_warps, F16=f16, SPLIT=c.split, DEPTH=c.depth,
-            STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, XDIRECT=direct, ZMMA=zmma, ACC0=acc[0],
-            ACC1=acc[1], num_warps=c.num_warps,
+            STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, XDIRECT=direct,
+            **decode_constexprs(bits, f16, c.zmma), num_warps=c.num_warps,
             num_stages=max(1, c.stages), maxnreg=c.maxnreg,
         )  # fmt: skip
 

@@ -292,8 +292,8 @@ def test_permute_x_makes_each_b_fragment_contiguous(fn):
 
 @pytest.mark.parametrize(("t", "k"), [(3, 64), (5, 200), (1, 4096), (2, 37), (0, 64)])
 def test_permute_x_kernel_matches_torch(t, k):
-    """The Triton permute (one launch) against the torch ops, bf16, incl. padding and odd k (which
-    takes the torch path), and a view that is not 4-byte aligned."""
+    """The Triton permute (one launch) against the torch ops, bf16, incl. padding; odd k and a view
+    that is not 4-byte aligned must take the torch path (the kernel's int32 view of x would raise)."""
     x = torch.randn(t, k + 1).to(torch.bfloat16)
     for v in (x[:, :k].contiguous(), x.reshape(-1)[1 : 1 + t * k].reshape(t, k)):
         assert torch.equal(permute_x(v, k), permute_x_torch(v, k))
