@@ -2,7 +2,7 @@
 # Profile SBMM cases with ncu on the device machine (the `run` tool), from the repository root,
 # with carry ["benchmarks/quality/data/carry1/wheels"]:
 #   bash benchmarks/ncu_sbmm.sh [CASE ...]
-# CASE: bench_sbmm.py --one's BITS,K,N_out,B,ND[,block_m,warps,split,depth,stream,maxnreg,stages]
+# CASE: bench_sbmm.py --one's BITS,K,N_out,B,ND[,block_m,warps,split,depth,stream,maxnreg,stages,xdirect]
 # (maxnreg 0 = no cap). Default: 4096^2 4-bit at N = 16 (register pipeline, then shared-memory
 # ring) and at N = 32. Prints the lines that matter (duration, DRAM, stalls, occupancy, limits);
 # the whole reports land in $OUT/ncu_<i>.txt. Only the SBMM kernel is profiled (the permute of

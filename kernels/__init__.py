@@ -2,10 +2,11 @@
 
 Public ops (see each one's ``Semantics:``): ``sbmm`` (compressed qlinear deltas), ``sbmm_device``
 (the same on 2:4 2/4-bit deltas repacked into the GPU slot layout, kernels/layout.py), ``sgmv`` (LoRA),
-``embedding_delta`` (rows of a compressed embedding delta), and ``plan`` (group a batch by slot
-once, reuse it for every layer of a step); for the compressor, ``obs_block`` (one lazy block of the
-obs codec's column loop). CUDA tensors run the Triton kernels; CPU tensors run the
-reference. Importing this package does not import triton.
+``embedding_delta`` (rows of a compressed embedding delta), ``plan`` (group a batch by slot
+once, reuse it for every layer of a step) and ``permute_x`` (the copy of an input that
+``sbmm_device`` reads, shared by the layers that read it); for the compressor, ``obs_block``
+(one lazy block of the obs codec's column loop). CUDA tensors run the Triton kernels; CPU
+tensors run the reference. Importing this package does not import triton.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from . import reference
 from ._common import Plan, plan
 
-__all__ = ["Plan", "embedding_delta", "obs_block", "plan", "sbmm", "sgmv"]
+__all__ = ["Plan", "embedding_delta", "obs_block", "permute_x", "plan", "sbmm", "sbmm_device", "sgmv"]
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -54,20 +55,29 @@ def sbmm(
 
 
 def sbmm_device(
-    x, dw, scales, slot, *, bits, group_size, k, out=None, plan_: Plan | None = None, active=None
+    x, dw, scales, slot, *, bits, group_size, k, out=None, plan_: Plan | None = None, active=None, x_perm=None
 ):
     """Semantics: as ``sbmm``, on deltas in the GPU slot layout (``kernels/layout.py``: 2:4, 2/4-bit).
 
     Shape: x [T, k] fp16/bf16; dw [S, N, W] int16; scales [S, N, G] fp32; slot [T]; out [T, N].
-    ``active``: number of live slots (autotuning hint). Returns out.
+    ``active``: number of live slots (autotuning hint); ``x_perm``: ``permute_x(x, k)`` if the
+    caller has it. Returns out.
     """
     if _use_triton(x):
         from .sbmm24 import sbmm_device as fn
 
-        extra = {"plan_": plan_, "active": active}
+        extra = {"plan_": plan_, "active": active, "x_perm": x_perm}
     else:
         fn, extra = reference.sbmm_device, {}
     return fn(x, dw, scales, slot, bits=bits, group_size=group_size, k=k, out=out, **extra)
+
+
+def permute_x(x, k):
+    """x [T, k] fp16/bf16 on CUDA -> int32 [T, steps * 32]: the copy of x that ``sbmm_device`` reads
+    (its ``x_perm``), made once where several layers read the same input."""
+    from .sbmm24 import permute_x as fn
+
+    return fn(x, k)
 
 
 def sgmv(x, lora_a, lora_b, slot, *, scale=None, out=None, plan_: Plan | None = None):

@@ -45,9 +45,8 @@ from .dequant_triton import _segment, _segment_at, _work_item
 class DecodeOp(NamedTuple):
     """How one A register is decoded from its tile's code word w (both 16-bit halves at once):
     ``t = (w >> shift) & mask | magic`` (shift < 0: left), whose halves are the 16-bit floats
-    M + c 2^q exactly, then ``t mult + add``, exact and proportional to c - z (``acc_scale`` undoes
-    the factor): one packed FMA per register, or with ``zmma`` (mult = 1) a second mma per tile
-    whose A registers hold their row's constant ``add``."""
+    M + c 2^q exactly, then ``t mult + add`` = 2 (c - z) exactly: one packed FMA per register
+    (``ACC_SCALE`` undoes the factor 2)."""
 
     shift: int
     mask: int
@@ -63,55 +62,27 @@ def _f16_bits(v: float, f16: bool) -> int:
     return int(t.view(torch.int16)) & 0xFFFF
 
 
-def zero_point_mma(bits: int, f16: bool) -> bool:
-    """Whether a layout can leave its zero point to the tensor cores (``Config.zmma``): the decode
-    stops at t = 1 + c 2^(q-7) (a LOP3 into the mantissa of 1.0) and one more mma per tile, whose A
-    registers hold -(1 + z 2^(q-7)), subtracts it, so the packed FMAs go. One accumulator sums both
-    rows of a register pair's k-groups, so q must be one value per output row: 4-bit has q = 1
-    everywhere (a shift per register), 2-bit q = 1 for the first row and 3 for the second (a shift
-    per pair of registers, as without zmma). bf16 only (fp16 would need more shifts)."""
-    return not f16
+ACC_SCALE = 0.5  # the decode gives 2 (c - z): what the accumulators are multiplied by at the end
+_ACC: tl.constexpr = tl.constexpr(ACC_SCALE)
 
 
-def acc_scale(bits: int, f16: bool, zmma: bool = False) -> tuple[float, float]:
-    """What the accumulators of the first and second output row of a tile (elements 0-1, 2-3) are
-    multiplied by at the end to give sum (c - z) x (then by the scale): 2^(7-q) with ``zmma``."""
-    if zmma and zero_point_mma(bits, f16):
-        return (64.0, 64.0) if bits == 4 else (64.0, 16.0)
-    return 0.5, 0.5
-
-
-def decode_constexprs(bits: int, f16: bool, zmma: bool) -> dict:
-    """The kernel's ZMMA, ACC0 and ACC1 for a layout and ``Config.zmma`` (ignored where the layout
-    cannot take it)."""
-    acc0, acc1 = acc_scale(bits, f16, zmma)
-    return {"ZMMA": zmma and zero_point_mma(bits, f16), "ACC0": acc0, "ACC1": acc1}
-
-
-def decode_plan(bits: int, f16: bool, kk: int, zmma: bool = False) -> list[DecodeOp]:
+def decode_plan(bits: int, f16: bool, kk: int) -> list[DecodeOp]:
     """The 4 registers (i) of sub-step kk: code c0 at bit o of w, c1 at o + 16, placed at bit q of
     each half, with 1 <= q <= mantissa bits - bits (t exact; and M 2^(1-q) + 2^bits - 1 exact, which
     q = 0 is not). Registers share one shift when their codes fit the same window: 2-bit bf16 needs
-    2 shifts per sub-step, fp16 1 (4-bit: bf16 4, fp16 2). The result is 2 (c - z), or with ``zmma``
-    (where ``zero_point_mma``) M = 1, a shift per register pair (2-bit) or register (4-bit), and
-    (c - z) 2^(q-7) once the second mma adds ``add``."""
-    biased = zmma and zero_point_mma(bits, f16)
+    2 shifts per sub-step, fp16 1 (4-bit: bf16 4, fp16 2). The result is 2 (c - z)."""
     mant, big = (10, 1024.0) if f16 else (7, 128.0)
-    if biased:
-        big = 1.0
     q_max = mant - bits
     z = ((1 << bits) - 1) / 2
     ops, shift = [], None
     for i in range(4):
         o = 4 * i if bits == 4 else 2 * (4 * kk + i)
-        if biased:  # rows: registers 0, 2 and 1, 3; q = 1 for the even register of a pair
-            shift = (4 * i if bits == 4 else 2 * (4 * kk + i - i % 2)) - 1
-        elif shift is None or not 1 <= o - shift <= q_max:
+        if shift is None or not 1 <= o - shift <= q_max:
             shift = o - 1
         q = o - shift
-        assert 1 <= q <= q_max and (not biased or 2.0 ** (7 - q) == acc_scale(bits, f16, zmma)[i % 2])
-        mult = 1.0 if biased else 2.0 ** (1 - q)
-        add = -(1.0 + z * 2.0 ** (q - mant)) if biased else -(big * mult + 2 * z)
+        assert 1 <= q <= q_max
+        mult = 2.0 ** (1 - q)
+        add = -(big * mult + 2 * z)
         half = lambda v: _f16_bits(v, f16)  # noqa: E731
         ops.append(
             DecodeOp(
@@ -125,15 +96,13 @@ def decode_plan(bits: int, f16: bool, kk: int, zmma: bool = False) -> list[Decod
     return ops
 
 
-def _decode_asm(bits: int, f16: bool, kk: int, zmma: bool = False) -> str:
+def _decode_asm(bits: int, f16: bool, kk: int) -> str:
     """PTX of ``decode_plan``: the code words of 4 tiles ($16..$19) -> their A fragments for
-    sub-step kk ($4r + i), each register two packed 16-bit floats 2 (c - z) (c0 low, c1 high), or
-    t = 1 + c 2^(q-7) with ``zmma`` (no FMA: the mma subtracts the offset). Shifts are multiplies
-    (IMAD, FMA pipe), so the ALU pipe only carries the LOP3s."""
+    sub-step kk ($4r + i), each register two packed 16-bit floats 2 (c - z) (c0 low, c1 high).
+    Shifts are multiplies (IMAD, FMA pipe), so the ALU pipe only carries the LOP3s."""
     fma = "fma.rn.f16x2" if f16 else "fma.rn.bf16x2"
-    biased = zmma and zero_point_mma(bits, f16)
-    plan_ = decode_plan(bits, f16, kk, zmma)
-    consts = [] if biased else sorted({v for op in plan_ for v in (op.mult, op.add)})  # packed operands
+    plan_ = decode_plan(bits, f16, kk)
+    consts = sorted({v for op in plan_ for v in (op.mult, op.add)})  # packed operands
     out = ["{", f".reg .b32 %t<16>, %s<16>, %c<{len(consts)}>;"]
     out += [f"mov.b32 %c{j}, {v:#010x};" for j, v in enumerate(consts)]
     c = {v: f"%c{j}" for j, v in enumerate(consts)}
@@ -150,36 +119,24 @@ def _decode_asm(bits: int, f16: bool, kk: int, zmma: bool = False) -> str:
                 else:
                     sreg = w
                 shifted[op.shift] = sreg
-            t = f"${4 * r + i}" if biased else f"%t{4 * r + i}"
+            t = f"%t{4 * r + i}"
             out.append(f"lop3.b32 {t}, {shifted[op.shift]}, {op.mask:#010x}, {op.magic:#010x}, 0xEA;")
-            if not biased:
-                out.append(f"{fma} ${4 * r + i}, {t}, {c[op.mult]}, {c[op.add]};")
+            out.append(f"{fma} ${4 * r + i}, {t}, {c[op.mult]}, {c[op.add]};")
     out.append("}")
     return "\n".join(out)
 
 
-def _mma_asm(f16: bool, kk: int, bias: tuple[int, int] | None = None) -> str:
+def _mma_asm(f16: bool, kk: int) -> str:
     """PTX: 4 tiles (r) of D = A_r B + C_r; outputs $4r..$4r+3, inputs C_r $16 + 4r.., A_r $32 + 4r..,
-    B $48..$51, metadata words $52..$55 (word 2 kk + r // 2, sparsity selector r % 2). ``bias`` (the
-    packed constants of the first and second row, ``zmma``): first D_r = bias B + C_r for the 4
-    tiles (A registers 0, 2 = the first, 1, 3 = the second; the same kept positions; independent of
-    the decode and of each other), then D_r += A_r B."""
+    B $48..$51, metadata words $52..$55 (word 2 kk + r // 2, sparsity selector r % 2)."""
     ty = "f16" if f16 else "bf16"
     op = f"mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{ty}.{ty}.f32"
-    out = []
-    if bias is not None:  # registers %k0, %k1: the two rows' constants
-        out = ["{", ".reg .b32 %k<2>;", *(f"mov.b32 %k{h}, {v:#010x};" for h, v in enumerate(bias))]
     tiles = [
         (",".join(f"${4 * r + i}" for i in range(4)), ",".join(f"${16 + 4 * r + i}" for i in range(4)),
          ",".join(f"${32 + 4 * r + i}" for i in range(4)), f"${52 + 2 * kk + r // 2}, {r % 2}")
         for r in range(4)
     ]  # fmt: skip
-    if bias is not None:
-        k = "%k0,%k1,%k0,%k1"  # A registers 0, 2: the first row; 1, 3: the second
-        out += [f"{op} {{{d}}}, {{{k}}}, {{$48,$49,$50,$51}}, {{{c}}}, {m};" for d, c, _, m in tiles]
-        out += [f"{op} {{{d}}}, {{{a}}}, {{$48,$49,$50,$51}}, {{{d}}}, {m};" for d, _, a, m in tiles]
-        return "\n".join([*out, "}"])
-    out += [f"{op} {{{d}}}, {{{a}}}, {{$48,$49,$50,$51}}, {{{c}}}, {m};" for d, c, a, m in tiles]
+    out = [f"{op} {{{d}}}, {{{a}}}, {{$48,$49,$50,$51}}, {{{c}}}, {m};" for d, c, a, m in tiles]
     return "\n".join(out)
 
 
@@ -193,42 +150,21 @@ DEC2_F16_0: tl.constexpr = tl.constexpr(_decode_asm(2, True, 0))
 DEC2_F16_1: tl.constexpr = tl.constexpr(_decode_asm(2, True, 1))
 MMA_BF16_0: tl.constexpr = tl.constexpr(_mma_asm(False, 0))
 MMA_BF16_1: tl.constexpr = tl.constexpr(_mma_asm(False, 1))
-DEC4_BF16_Z: tl.constexpr = tl.constexpr(_decode_asm(4, False, 0, zmma=True))
-DEC2_BF16_Z0: tl.constexpr = tl.constexpr(_decode_asm(2, False, 0, zmma=True))
-DEC2_BF16_Z1: tl.constexpr = tl.constexpr(_decode_asm(2, False, 1, zmma=True))
-
-
-def _bias(bits: int, kk: int) -> tuple[int, int]:
-    """The zmma constants (first row, second row) of a bf16 layout's sub-step kk."""
-    plan_ = decode_plan(bits, False, kk, zmma=True)
-    return plan_[0].add, plan_[1].add
-
-
-MMA4_BF16_Z0: tl.constexpr = tl.constexpr(_mma_asm(False, 0, _bias(4, 0)))
-MMA4_BF16_Z1: tl.constexpr = tl.constexpr(_mma_asm(False, 1, _bias(4, 1)))
-MMA2_BF16_Z0: tl.constexpr = tl.constexpr(_mma_asm(False, 0, _bias(2, 0)))
-MMA2_BF16_Z1: tl.constexpr = tl.constexpr(_mma_asm(False, 1, _bias(2, 1)))
 MMA_F16_0: tl.constexpr = tl.constexpr(_mma_asm(True, 0))
 MMA_F16_1: tl.constexpr = tl.constexpr(_mma_asm(True, 1))
 
 
 @triton.jit
-def _decode4(cw, KK: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, ZMMA: tl.constexpr):
+def _decode4(cw, KK: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
     """Code words [T, 4] (tile r in column r) -> A fragments of the 4 tiles, each [T, 4] int32."""
     if BITS == 4 and F16:
         asm: tl.constexpr = DEC4_F16
-    elif BITS == 4 and ZMMA:
-        asm: tl.constexpr = DEC4_BF16_Z
     elif BITS == 4:
         asm: tl.constexpr = DEC4_BF16
     elif F16 and KK == 0:
         asm: tl.constexpr = DEC2_F16_0
     elif F16:
         asm: tl.constexpr = DEC2_F16_1
-    elif ZMMA and KK == 0:
-        asm: tl.constexpr = DEC2_BF16_Z0
-    elif ZMMA:
-        asm: tl.constexpr = DEC2_BF16_Z1
     elif KK == 0:
         asm: tl.constexpr = DEC2_BF16_0
     else:
@@ -237,22 +173,12 @@ def _decode4(cw, KK: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, ZMMA: 
 
 
 @triton.jit
-def _mma4(c0, c1, c2, c3, a0, a1, a2, a3, b, m, KK: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr,
-          ZMMA: tl.constexpr):  # fmt: skip
-    """C_r += A_r B for the 4 tiles (sparse tensor cores); every operand [T, 4] (a thread's registers);
-    with ZMMA (bf16) A is ``_decode4``'s offset form and a constant mma per tile removes it."""
+def _mma4(c0, c1, c2, c3, a0, a1, a2, a3, b, m, KK: tl.constexpr, F16: tl.constexpr):
+    """C_r += A_r B for the 4 tiles (sparse tensor cores); every operand [T, 4] (a thread's registers)."""
     if F16 and KK == 0:
         asm: tl.constexpr = MMA_F16_0
     elif F16:
         asm: tl.constexpr = MMA_F16_1
-    elif BITS == 4 and ZMMA and KK == 0:
-        asm: tl.constexpr = MMA4_BF16_Z0
-    elif BITS == 4 and ZMMA:
-        asm: tl.constexpr = MMA4_BF16_Z1
-    elif ZMMA and KK == 0:
-        asm: tl.constexpr = MMA2_BF16_Z0
-    elif ZMMA:
-        asm: tl.constexpr = MMA2_BF16_Z1
     elif KK == 0:
         asm: tl.constexpr = MMA_BF16_0
     else:
@@ -374,17 +300,12 @@ def _store_tile(
     GROUP: tl.constexpr,
     atomic,
     PAIRS: tl.constexpr,
-    ACC0: tl.constexpr,
-    ACC1: tl.constexpr,
 ):
-    """out[tok, row] += acc x ACC0 / ACC1 (``acc_scale`` of the tile's first / second row) x the
-    row scale for tile r, token block jn (atomically if ``atomic``: see ``_red_add``); acc [T, 4]
-    as mma.sp leaves it: element i = row 16 r + g + 8 (i // 2), token 8 jn + 2 p + i % 2."""
+    """out[tok, row] += acc x ``ACC_SCALE`` x the row scale for tile r, token block jn (atomically if
+    ``atomic``: see ``_red_add``); acc [T, 4] as mma.sp leaves it: element i = row 16 r + g + 8 (i // 2),
+    token 8 jn + 2 p + i % 2."""
     row = (blk * 64 + 16 * r + g)[:, None] + 8 * (i4 // 2)[None, :]
-    if ACC0 == ACC1:
-        acc = acc * ACC0
-    else:
-        acc = acc * tl.where(i4 < 2, ACC0, ACC1)[None, :]
+    acc = acc * _ACC
     m = start + (8 * jn + 2 * p)[:, None] + (i4 % 2)[None, :]
     ok = (row < N) & (m < seg_hi)
     tok = tl.load(order_ptr + m, mask=ok, other=0)
@@ -446,7 +367,6 @@ def _step(
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     F16: tl.constexpr,
-    ZMMA: tl.constexpr,
 ):
     """The 8 accumulators (tile r, token block j: c_rj, [T, 4]) after step u, whose loaded words
     and x fragments are ``data`` (``_load_step``)."""
@@ -464,14 +384,14 @@ def _step(
         q31 = tl.zeros((T, 4), dtype=tl.float32)
     else:
         q00, q10, q20, q30, q01, q11, q21, q31 = c00, c10, c20, c30, c01, c11, c21, c31
-    f0, f1, f2, f3 = _decode4(cw_a, 0, BITS, F16, ZMMA)
-    q00, q10, q20, q30 = _mma4(q00, q10, q20, q30, f0, f1, f2, f3, x0, mw, 0, BITS, F16, ZMMA)
+    f0, f1, f2, f3 = _decode4(cw_a, 0, BITS, F16)
+    q00, q10, q20, q30 = _mma4(q00, q10, q20, q30, f0, f1, f2, f3, x0, mw, 0, F16)
     if BLOCK_M == 16:
-        q01, q11, q21, q31 = _mma4(q01, q11, q21, q31, f0, f1, f2, f3, y0, mw, 0, BITS, F16, ZMMA)
-    f0, f1, f2, f3 = _decode4(cw_b, 1, BITS, F16, ZMMA)
-    q00, q10, q20, q30 = _mma4(q00, q10, q20, q30, f0, f1, f2, f3, x1, mw, 1, BITS, F16, ZMMA)
+        q01, q11, q21, q31 = _mma4(q01, q11, q21, q31, f0, f1, f2, f3, y0, mw, 0, F16)
+    f0, f1, f2, f3 = _decode4(cw_b, 1, BITS, F16)
+    q00, q10, q20, q30 = _mma4(q00, q10, q20, q30, f0, f1, f2, f3, x1, mw, 1, F16)
     if BLOCK_M == 16:
-        q01, q11, q21, q31 = _mma4(q01, q11, q21, q31, f0, f1, f2, f3, y1, mw, 1, BITS, F16, ZMMA)
+        q01, q11, q21, q31 = _mma4(q01, q11, q21, q31, f0, f1, f2, f3, y1, mw, 1, F16)
     if GROUP > 0:
         gi = tl.minimum((u * 64) // GROUP, n_groups - 1)
         c00 = _fold(c00, q00, 0, blk, g, i4, N, sc_base, s_sn, gi)
@@ -527,9 +447,6 @@ def _task(
     STAGES: tl.constexpr,
     PAIRS: tl.constexpr,
     XDIRECT: tl.constexpr,
-    ZMMA: tl.constexpr,
-    ACC0: tl.constexpr,
-    ACC1: tl.constexpr,
 ):
     """out[tokens start..seg_hi, rows of group rg] += their part of steps [u_lo, u_hi) of slot s
     (atomic adds if ``atomic``): each warp 64 rows (row block WARPS rg + warp)."""
@@ -580,7 +497,7 @@ def _task(
     if STAGES > 0:  # Triton's pipeliner: a ring of STAGES steps in shared memory (cp.async)
         for u in tl.range(u_lo, u_hi, num_stages=STAGES):
             acc = _step(acc, _load_step(*ld, u, BITS, BLOCK_M), u, *cst, BITS=BITS, GROUP=GROUP,
-                        BLOCK_M=BLOCK_M, F16=F16, ZMMA=ZMMA)
+                        BLOCK_M=BLOCK_M, F16=F16)
     elif DEPTH >= 3:  # DEPTH - 1 buffers (nxt, two[, three]), each refilled right after its step
         NBUF: tl.constexpr = DEPTH - 1
         nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)
@@ -588,14 +505,14 @@ def _task(
         if DEPTH == 4:
             three = _load_step(*ld, tl.minimum(u_lo + 2, last), BITS, BLOCK_M)
         for u in range(u_lo, u_hi, NBUF):
-            acc = _step(acc, nxt, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16, ZMMA=ZMMA)
+            acc = _step(acc, nxt, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
             nxt = _load_step(*ld, tl.minimum(u + NBUF, last), BITS, BLOCK_M)
             if u + 1 < u_hi:
-                acc = _step(acc, two, u + 1, *cst, BITS, GROUP, BLOCK_M, F16, ZMMA)
+                acc = _step(acc, two, u + 1, *cst, BITS, GROUP, BLOCK_M, F16)
             two = _load_step(*ld, tl.minimum(u + 1 + NBUF, last), BITS, BLOCK_M)
             if DEPTH == 4:
                 if u + 2 < u_hi:
-                    acc = _step(acc, three, u + 2, *cst, BITS, GROUP, BLOCK_M, F16, ZMMA)
+                    acc = _step(acc, three, u + 2, *cst, BITS, GROUP, BLOCK_M, F16)
                 three = _load_step(*ld, tl.minimum(u + 2 + NBUF, last), BITS, BLOCK_M)
     elif DEPTH == 2:
         nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)
@@ -604,16 +521,15 @@ def _task(
             cur = nxt
             nxt = two
             two = _load_step(*ld, tl.minimum(u + 2, last), BITS, BLOCK_M)
-            acc = _step(acc, cur, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16, ZMMA=ZMMA)
+            acc = _step(acc, cur, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
     else:
         nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)
         for u in range(u_lo, u_hi):
             cur = nxt
             nxt = _load_step(*ld, tl.minimum(u + 1, last), BITS, BLOCK_M)
-            acc = _step(acc, cur, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16, ZMMA=ZMMA)
+            acc = _step(acc, cur, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
     c00, c10, c20, c30, c01, c11, c21, c31 = acc
-    a = (start, seg_hi, N, s64, order_ptr, sc_ptr, s_ss, s_sn, out_ptr, s_ot, s_on, GROUP, atomic, PAIRS,
-         ACC0, ACC1)  # fmt: skip
+    a = (start, seg_hi, N, s64, order_ptr, sc_ptr, s_ss, s_sn, out_ptr, s_ot, s_on, GROUP, atomic, PAIRS)
     _store_tile(c00, 0, 0, blk, g, p, i4, *a)
     _store_tile(c10, 1, 0, blk, g, p, i4, *a)
     _store_tile(c20, 2, 0, blk, g, p, i4, *a)
@@ -656,15 +572,11 @@ def _sbmm24_kernel(
     STREAM: tl.constexpr,
     PAIRS: tl.constexpr,
     XDIRECT: tl.constexpr,
-    ZMMA: tl.constexpr,
-    ACC0: tl.constexpr,
-    ACC1: tl.constexpr,
 ):
     """x_ptr: ``permute_x(x)`` as int32 (bf16 pairs; x itself viewed as int32 if XDIRECT), dw_ptr:
     the slot layout as int32. One step = 64 inputs = 2 sparse mma k-steps per tile and token block
     of 8. A task = (work item, group of WARPS row blocks of 64). GROUP: 0 (row scale at the end) or
-    a multiple of 64 (folded per step). DEPTH, STAGES: see ``_task``; PAIRS: ``_red_add``; ZMMA:
-    ``Config.zmma``, ACC0 / ACC1: ``acc_scale``. Grids:
+    a multiple of 64 (folded per step). DEPTH, STAGES: see ``_task``; PAIRS: ``_red_add``. Grids:
     - STREAM: (programs,), each runs an equal share of all tasks' steps (stream-K), in order;
       pieces of a task add atomically.
     - else (row groups x SPLIT, work items): one task per program, split-K over SPLIT programs
@@ -680,7 +592,7 @@ def _sbmm24_kernel(
             _task(
                 x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, piece, *args,
                 BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
-                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT, ZMMA=ZMMA, ACC0=ACC0, ACC1=ACC1,
+                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT,
             )  # fmt: skip
             cur += u_hi - u_lo
     else:
@@ -693,7 +605,7 @@ def _sbmm24_kernel(
             _task(
                 x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, SPLIT > 1, *args,
                 BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
-                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT, ZMMA=ZMMA, ACC0=ACC0, ACC1=ACC1,
+                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT,
             )  # fmt: skip
 
 
@@ -845,8 +757,7 @@ class Config(NamedTuple):
     ``stages``: > 0 replaces the register pipeline by a ring of that many steps in shared memory
     (Triton's pipeliner: cp.async; ~55 registers instead of 90-106). ``xdirect``: read x's B
     fragments from x itself (4 four-byte loads) instead of a permuted copy made per call (one
-    kernel less; K a multiple of 64). ``zmma``: where ``zero_point_mma`` (bf16), a constant mma per
-    tile takes the zero point instead of a packed FMA per register."""
+    kernel less; K a multiple of 64)."""
 
     block_m: int
     num_warps: int = 4
@@ -856,7 +767,6 @@ class Config(NamedTuple):
     maxnreg: int | None = None
     stages: int = 0
     xdirect: bool = False
-    zmma: bool = False
 
 
 # Candidates for Hopper (benchmarks/NOTES-sbmm.md, v6: the H200 sweep of every config on the 30
@@ -902,15 +812,9 @@ SPLIT_CONFIGS = [
 ]
 PREFILL_CONFIGS = [Config(16, 4, depth=3), Config(16, 8), Config(16, 4)]
 # Not picked by the tuner until measured: the benchmark checks them against the reference and
-# times them in its sweep, the GPU tests run them. ``zmma`` with the 4 constant mmas issued ahead
-# of the 4 that need the decode (NOTES-sbmm.md v7 item 4: issued in pairs they were a dependent
-# chain and lost), now for 2-bit too (fp16 ignores it).
-TRIAL_CONFIGS = [
-    Config(8, 4, 2, depth=3, zmma=True),
-    Config(8, 4, stages=4, zmma=True),
-    Config(8, 4, stream=3, stages=6, zmma=True),
-    Config(8, 1, 8, stages=4, xdirect=True, zmma=True),
-]
+# times them in its sweep, the GPU tests run them (none now: session 7 measured the last ones,
+# the zero-point mma, and removed it; NOTES-sbmm.md v8).
+TRIAL_CONFIGS: list[Config] = []
 INTERPRET_BLOCK = (16, 32)  # (tokens, rows) per program of the interpreter kernel
 TUNER = Tuner(graph=True)
 
@@ -987,12 +891,15 @@ def sbmm_device(
     plan_: Plan | None = None,
     config: Config | None = None,
     active: int | None = None,
+    x_perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Semantics: out[t, :] += x[t, :] @ dequant(Δ[slot[t]])ᵀ for every t with 0 <= slot[t] < S.
 
     Shape: x [T, k] fp16/bf16; dw [S, N, W] int16 (``layout.to_device_layout`` of 2:4 2/4-bit
     parts); scales [S, N, G] fp32; slot [T] int32; out [T, N] in x's dtype (zeros if None).
-    ``active``: how many slots are live (autotuning hint only).
+    ``active``: how many slots are live (autotuning hint only). ``x_perm``: ``permute_x(x, k)``
+    int32 [T, steps * 32] where the caller already has it (layers that read one input share it);
+    configs that read x itself ignore it.
     """
     lay = L.QuantLayout(bits=bits, sparsity="2:4", group_size=group_size)
     if not L.supported(lay):
@@ -1011,11 +918,16 @@ def sbmm_device(
     if slot.shape != (x.shape[0],):
         raise ShapeMismatchError(f"slot must be [{x.shape[0]}], got {tuple(slot.shape)}")
     t = x.shape[0]
+    if x_perm is not None and (x_perm.shape != (t, L.n_steps(k) * 32) or x_perm.dtype != torch.int32):
+        raise ShapeMismatchError(
+            f"x_perm must be permute_x(x, k): int32 [{t}, {L.n_steps(k) * 32}], "
+            f"got {x_perm.dtype} {tuple(x_perm.shape)}"
+        )
     if out is None:
         out = torch.zeros(t, n, dtype=x.dtype, device=x.device)
     elif tuple(out.shape) != (t, n) or out.dtype != x.dtype:
         raise ShapeMismatchError(f"out must be {x.dtype} [{t}, {n}], got {out.dtype} {tuple(out.shape)}")
-    check_device(x, dw, scales, slot, out)
+    check_device(x, dw, scales, slot, out, *([] if x_perm is None else [x_perm]))
     if t == 0 or n_slots == 0:
         return out
     dw = dw.contiguous()
@@ -1040,7 +952,10 @@ def sbmm_device(
 
     def launch(c: Config, o: torch.Tensor, p: Plan = p) -> None:
         direct = c.xdirect and k % L.STEP_K == 0 and x.data_ptr() % 4 == 0
-        xk = x.reshape(-1).view(torch.int32) if direct else permute_x(x, k)  # rows: k / 2 or steps * 32
+        if direct:
+            xk = x.reshape(-1).view(torch.int32)  # rows: k / 2
+        else:
+            xk = permute_x(x, k) if x_perm is None else x_perm.contiguous()  # rows: steps * 32
         # split / stream pieces add 2 adjacent rows per reduction where out allows it (_red_add)
         pairs = o.stride(1) == 1 and o.stride(0) % 2 == 0 and n % 2 == 0 and o.data_ptr() % 4 == 0
         dw32 = dw.view(torch.int32)
@@ -1055,7 +970,7 @@ def sbmm_device(
             BITS=bits, GROUP=group_size or 0, S_P2=max(64, next_pow2(n_slots)), BLOCK_M=c.block_m,
             WARPS=c.num_warps, F16=f16, SPLIT=c.split, DEPTH=c.depth,
             STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, XDIRECT=direct,
-            **decode_constexprs(bits, f16, c.zmma), num_warps=c.num_warps,
+            num_warps=c.num_warps,
             num_stages=max(1, c.stages), maxnreg=c.maxnreg,
         )  # fmt: skip
 

@@ -18,6 +18,7 @@ from deltahub.server.errors import EngineConfigError
 from deltahub.server.models.attention import BatchContext
 from deltahub.server.models.delta_linear import DeltaModule, _Pools
 from deltahub.server.models.llama import CausalLM
+from deltahub.server.models.slot_share import SlotShare
 from deltahub.server.models.weights import load_weights, read_config
 from deltahub.server.sampling import SampleResult, sample
 from deltahub.server.scheduler import ScheduledBatch
@@ -170,6 +171,7 @@ class ModelRunner:
             context_lens=context_lens,
             prefill_spans=spans,
             logits_indices=as_t(logit_rows),
+            share=SlotShare(used=frozenset(sidx) - {s_base}),
         )
         return as_t(ids), ctx
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from deltahub.server.models.slot_share import SlotShare
 
 
 @dataclass
@@ -20,7 +21,8 @@ class BatchContext:
     positions [T] long; slot_mapping [T] long (cache slot of each token); slot_idx [T] long (the
     token's variant slot, S for base-only); block_tables [D, max_blocks] int32 and context_lens
     [D] long for the D decodes; prefill_spans: host list of (start, end) into the token dim;
-    logits_indices [B] long: rows whose logits are sampled.
+    logits_indices [B] long: rows whose logits are sampled; share: what the step's delta layers
+    share (``slot_share.SlotShare``; None: each layer makes its own).
     """
 
     positions: torch.Tensor
@@ -31,6 +33,7 @@ class BatchContext:
     context_lens: torch.Tensor | None
     prefill_spans: list[tuple[int, int]]
     logits_indices: torch.Tensor
+    share: SlotShare | None = None
 
 
 def write_kv(

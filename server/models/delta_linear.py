@@ -14,7 +14,9 @@ of the embedding and lm_head: token ids >= V look them up, and logits grow to [T
 Parts of deltas are written by ``write_slot`` after ``prepare`` allocated the pools they need
 (the runner calls prepare on the main stream and write_slot on its copy stream). On CUDA, linear
 layers keep 2:4 2/4-bit deltas in the GPU slot layout (``kernels/layout.py``: repacked once in
-write_slot, same bytes) and apply them with ``kernels.sbmm_device``.
+write_slot, same bytes) and apply them with ``kernels.sbmm_device``. A ``SlotShare`` (one per
+forward, ``slot_share.py``) lets the layers of a step share the grouping of the tokens by slot and
+the permuted copy of an input; without one each layer makes its own.
 With ``dequantize`` (EngineConfig.cpu_dequantize_deltas, CPU only) a qlinear delta is stored as
 ``format.dequantize`` gives it -- the values the reference kernels compute every step -- once, when
 it enters its slot: exact and far faster on the CPU, at the memory of a dense delta per slot.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from deltahub.server.errors import VariantLoadError
+from deltahub.server.models.slot_share import SlotShare
 from torch import nn
 
 from deltahub.format import PackedTensor, dequantize
@@ -65,7 +68,9 @@ class _Pools:
     ) -> None:
         self.n, self.k, self.s = n, k, num_slots
         self.slot_layout = slot_layout  # repack supported qlinear deltas for sbmm_device (CUDA)
-        self.live: set[int] = set()  # slots holding a qlinear delta (host-side; a tuning hint)
+        # host-side copy of each map's live slots (map[s] == s): ("q", layout key), "lora", "dense";
+        # a tuning hint, and what lets a step skip pools its tokens do not use (SlotShare.used)
+        self.held: dict[object, set[int]] = {}
         self.dtype, self.device = dtype, device
         self.dequantize = dequantize  # qlinear deltas stored dequantized (the CPU fast path)
         self.q: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -157,7 +162,8 @@ class _Pools:
             self.extra = {"rows": new, "n": n}
 
     def clear(self, slot: int) -> None:
-        self.live.discard(slot)
+        for held in self.held.values():
+            held.discard(slot)
         for pool in (*self.q.values(), self.lora, self.dense):
             if pool is not None:
                 pool["map"][slot] = -1
@@ -173,8 +179,8 @@ class _Pools:
         if p.kind == "qlinear" and self.dequantize:
             p = PackedTensor("dense", p.shape, {"delta": dequantize(p).to(self.dtype)})
         if p.kind == "qlinear":
+            which: object = ("q", _layout_key(p))
             pool = self.q[_layout_key(p)]
-            self.live.add(slot)
             if "dw" in pool:  # repack on the device (the caller's stream), then into the slot
                 assert p.layout is not None
                 parts = {
@@ -188,7 +194,7 @@ class _Pools:
                 if name in QPARTS and name in pool:
                     pool[name][slot].copy_(t, non_blocking=True)
         elif p.kind == "lowrank":
-            pool = self.lora
+            which, pool = "lora", self.lora
             assert pool is not None
             a, b = p.parts["lora_A"], p.parts["lora_B"]
             r = a.shape[0]
@@ -197,32 +203,52 @@ class _Pools:
             pool["a"][slot, :r].copy_(a, non_blocking=True)
             pool["b"][slot, :, :r].copy_(b, non_blocking=True)
         else:
-            pool = self.dense
+            which, pool = "dense", self.dense
             assert pool is not None
             pool["w"][slot].copy_(p.parts["delta"].reshape(self.n, self.k), non_blocking=True)
         pool["map"][slot] = slot
+        self.held.setdefault(which, set()).add(slot)
 
-    def add_linear(self, x: torch.Tensor, y: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
+    def _slots(self, which: object, pool: dict, slot_idx: torch.Tensor, share: SlotShare | None):
+        """(pool["map"][slot_idx] [T], its plan or None, how many slots the batch may touch here), from
+        ``share`` where the step has them; None where no token of the batch has a delta in the pool."""
+        held = self.held.get(which, set())
+        if share is None:
+            return pool["map"][slot_idx], None, len(held)
+        live = share.touched(held)
+        if not live:
+            return None
+        return (*share.mapped(live, pool["map"], slot_idx), len(live))
+
+    def add_linear(
+        self, x: torch.Tensor, y: torch.Tensor, slot_idx: torch.Tensor, share: SlotShare | None = None
+    ) -> torch.Tensor:
         """y += Δ(x) for every token, x [T, K], y [T, N]."""
         for (bits, sparse, group), pool in self.q.items():
+            got = self._slots(("q", (bits, sparse, group)), pool, slot_idx, share)
+            if got is None:
+                continue
+            slots, plan_, active = got
             if "dw" in pool:
                 y = _kernels().sbmm_device(
                     x,
                     pool["dw"],
                     pool["scales"],
-                    pool["map"][slot_idx],
+                    slots,
                     bits=bits,
                     group_size=group,
                     k=self.k,
                     out=y,
-                    active=len(self.live) or None,
+                    plan_=plan_,
+                    active=active or None,
+                    x_perm=None if share is None else share.permuted(x, self.k),
                 )
                 continue
             y = _kernels().sbmm(
                 x,
                 pool["qweight"],
                 pool["scales"],
-                pool["map"][slot_idx],
+                slots,
                 bits=bits,
                 sparse=sparse,
                 group_size=group,
@@ -230,20 +256,29 @@ class _Pools:
                 meta=pool.get("meta"),
                 qweight_hi=pool.get("qweight_hi"),
                 out=y,
+                plan_=plan_,
             )
-        if self.lora is not None:
-            y = _kernels().sgmv(x, self.lora["a"], self.lora["b"], self.lora["map"][slot_idx], out=y)
-        if self.dense is not None and x.device.type == "cpu":  # host syncs cost nothing here
+        got = None if self.lora is None else self._slots("lora", self.lora, slot_idx, share)
+        if got is not None:
+            assert self.lora is not None
+            y = _kernels().sgmv(x, self.lora["a"], self.lora["b"], got[0], out=y, plan_=got[1])
+        if self.dense is not None and (share is None or share.touched(self.held.get("dense", set()))):
+            y = self._add_dense(x, y, slot_idx)
+        return y
+
+    def _add_dense(self, x: torch.Tensor, y: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
+        """y += x Δᵀ for tokens whose slot holds a dense delta here."""
+        assert self.dense is not None
+        if x.device.type == "cpu":  # host syncs cost nothing here
             s = self.dense["map"][slot_idx]
             for slot in torch.unique(s[s >= 0]).tolist():
                 idx = (s == slot).nonzero().squeeze(1)
                 y[idx] += x[idx] @ self.dense["w"][slot].T
-        elif self.dense is not None:
-            s = self.dense["map"][slot_idx].long()
-            every = (x @ self.dense["w"].reshape(self.s * self.n, self.k).T).view(-1, self.s, self.n)
-            pick = every.gather(1, s.clamp(min=0).view(-1, 1, 1).expand(-1, 1, self.n)).squeeze(1)
-            y = y + pick * (s >= 0).unsqueeze(1).to(y.dtype)
-        return y
+            return y
+        s = self.dense["map"][slot_idx].long()
+        every = (x @ self.dense["w"].reshape(self.s * self.n, self.k).T).view(-1, self.s, self.n)
+        pick = every.gather(1, s.clamp(min=0).view(-1, 1, 1).expand(-1, 1, self.n)).squeeze(1)
+        return y + pick * (s >= 0).unsqueeze(1).to(y.dtype)
 
     def extra_logits(self, x: torch.Tensor, y: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
         """Logits [T, V] -> [T, V + A]: scores of the rows variants added (-inf beyond a slot's own)."""
@@ -376,8 +411,10 @@ class DeltaLinear(DeltaModule):
     def pools(self) -> dict[str, _Pools | _VectorPool]:
         return self._pools
 
-    def forward(self, x: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
-        """x [T, in], slot_idx [T] -> [T, out]."""
+    def forward(
+        self, x: torch.Tensor, slot_idx: torch.Tensor, share: SlotShare | None = None
+    ) -> torch.Tensor:
+        """x [T, in], slot_idx [T] -> [T, out]; ``share``: what the step's layers share (or None)."""
         if self.bias is None:
             y = F.linear(x, self.weight)
         else:
@@ -389,7 +426,7 @@ class DeltaLinear(DeltaModule):
                 y = F.linear(x, self.weight) + bias_pool.effective(self.bias, slot_idx)
         w = self._pools["weight"]
         assert isinstance(w, _Pools)
-        y = w.add_linear(x, y, slot_idx)
+        y = w.add_linear(x, y, slot_idx, share)
         return y if w.extra is None else w.extra_logits(x, y, slot_idx)
 
 

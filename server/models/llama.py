@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from deltahub.server.models.attention import BatchContext, paged_attention
 from deltahub.server.models.delta_linear import DeltaEmbedding, DeltaLinear, DeltaRMSNorm
+from deltahub.server.models.slot_share import SlotShare
 from torch import nn
 
 from deltahub.errors import ModelSourceError
@@ -86,13 +87,13 @@ class Attention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x, ctx.slot_idx).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x, ctx.slot_idx).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, ctx.slot_idx).view(t, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x, ctx.slot_idx, ctx.share).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, ctx.slot_idx, ctx.share).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, ctx.slot_idx, ctx.share).view(t, self.num_kv_heads, self.head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         o = paged_attention(q, k, v, kv[0], kv[1], ctx, self.scale, self.window)
-        return self.o_proj(o.reshape(t, -1), ctx.slot_idx)
+        return self.o_proj(o.reshape(t, -1), ctx.slot_idx, ctx.share)
 
 
 class MLP(nn.Module):
@@ -113,8 +114,11 @@ class MLP(nn.Module):
             raise ModelSourceError(f"activation {act!r} is not supported")
         self.act = acts[act]
 
-    def forward(self, x: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x, slot_idx)) * self.up_proj(x, slot_idx), slot_idx)
+    def forward(
+        self, x: torch.Tensor, slot_idx: torch.Tensor, share: SlotShare | None = None
+    ) -> torch.Tensor:
+        h = self.act(self.gate_proj(x, slot_idx, share)) * self.up_proj(x, slot_idx, share)
+        return self.down_proj(h, slot_idx, share)
 
 
 class DecoderLayer(nn.Module):
@@ -128,7 +132,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, ctx, cos, sin, kv):
         x = x + self.self_attn(self.input_layernorm(x, ctx.slot_idx), ctx, cos, sin, kv)
-        return x + self.mlp(self.post_attention_layernorm(x, ctx.slot_idx), ctx.slot_idx)
+        return x + self.mlp(self.post_attention_layernorm(x, ctx.slot_idx), ctx.slot_idx, ctx.share)
 
 
 class Backbone(nn.Module):

@@ -164,8 +164,11 @@ def test_gpu_sbmm_device_asm_decode(bits, dtype):
 
 
 def test_gpu_delta_linear_slot_layout():
-    """A DeltaLinear on CUDA keeps a 2:4 4-bit delta in the slot layout and adds it like the reference."""
+    """A DeltaLinear on CUDA keeps a 2:4 4-bit delta in the slot layout and adds it like the reference,
+    with a step's SlotShare as without."""
+    from deltahub.kernels.sbmm24 import DECODE_CONFIGS, permute_x, sbmm_device
     from deltahub.server.models.delta_linear import DeltaLinear
+    from deltahub.server.models.slot_share import SlotShare
 
     from deltahub.format import PackedTensor
 
@@ -189,3 +192,21 @@ def test_gpu_delta_linear_slot_layout():
     kw = dict(bits=4, sparse=True, group_size=None, k=k, meta=st["meta"])
     want = base + reference.sbmm(x.float().cpu(), st["qweight"], st["scales"], sl, **kw).cuda()
     assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
+    # a step's share: the plan and the permuted x made once, reused by a second call and by a layer
+    # with another live set (slot 2 only), which gets its own plan; same sums as without a share
+    lin2 = DeltaLinear(k, n, False, s, torch.bfloat16, torch.device("cuda"))
+    lin2.weight.data.normal_(0, 0.02)
+    p = PackedTensor("qlinear", (n, k), {name: v[1] for name, v in st.items()}, layout=lay)
+    lin2.prepare({"weight": p}, "w")
+    lin2.write_slot(2, {"weight": p})
+    share = SlotShare()
+    for layer, alone in ((lin, got), (lin, got), (lin2, lin2(x, slot_idx).float())):
+        shared = layer(x, slot_idx, share).float()  # split-K configs add pieces in any order: rounding
+        assert ((shared - alone).abs().max() / alone.abs().max()).item() < 2e-2
+    assert len(share._maps) == 2
+    # the kernel reading a given permuted x (a config that does not read x itself)
+    dev_slot = pool["map"][slot_idx]
+    kw = dict(bits=4, group_size=None, k=k, config=DECODE_CONFIGS[0])
+    one = sbmm_device(x, pool["dw"], pool["scales"], dev_slot, **kw)
+    two = sbmm_device(x, pool["dw"], pool["scales"], dev_slot, **kw, x_perm=permute_x(x, k))
+    assert torch.equal(one, two)

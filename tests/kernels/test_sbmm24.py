@@ -8,15 +8,14 @@ import torch
 from deltahub.kernels import layout as L
 from deltahub.kernels import plan, reference
 from deltahub.kernels.sbmm24 import (
+    ACC_SCALE,
     Config,
     _red_pairs_asm,
-    acc_scale,
     decode_plan,
     permute_x,
     permute_x_torch,
     sbmm_device,
     tune_key,
-    zero_point_mma,
 )
 
 from deltahub import kernels as K
@@ -164,14 +163,12 @@ def test_sbmm_device_stream_k_grid(programs):
     _run(2, "hot_base", torch.float16, t=9, s=6, n=70, k=300, group_size=128, config=cfg, seed=programs)
 
 
-@pytest.mark.parametrize("zmma", [False, True])
 @pytest.mark.parametrize("f16", [False, True])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_decode_plan_gives_code_minus_zero_exactly(bits, f16, zmma):
+def test_decode_plan_gives_code_minus_zero_exactly(bits, f16):
     """The PTX decode's arithmetic, emulated: shift, mask | magic, then t mult + add (one fma of the
-    16-bit halves, or with ``zmma`` a second mma adding the constant ``add`` per kept value) must
-    give (c - z) / ``acc_scale`` exactly for every code of both halves (the asm is rendered from
-    this plan; the GPU tests run it). ``zmma`` applies to bf16 only."""
+    16-bit halves) must give (c - z) / ``ACC_SCALE`` exactly for every code of both halves (the asm
+    is rendered from this plan; the GPU tests run it)."""
     dt = torch.float16 if f16 else torch.bfloat16
     w = torch.randint(0, 2**32, (4096,), generator=torch.Generator().manual_seed(bits), dtype=torch.int64)
 
@@ -180,10 +177,8 @@ def test_decode_plan_gives_code_minus_zero_exactly(bits, f16, zmma):
         pair = torch.stack([v & 0xFFFF, v >> 16], -1)
         return (pair - (pair >= 2**15) * 2**16).to(torch.int16).view(dt).double()
 
-    biased = zmma and zero_point_mma(bits, f16)
-    assert biased == (zmma and not f16)
     for kk in (0, 1):
-        plan_ = decode_plan(bits, f16, kk, zmma)
+        plan_ = decode_plan(bits, f16, kk)
         n_shifts = len({op.shift for op in plan_} - {0})
         assert n_shifts == {(2, False): 2, (2, True): 1, (4, False): 4, (4, True): 2}[(bits, f16)]
         for i, op in enumerate(plan_):
@@ -191,12 +186,9 @@ def test_decode_plan_gives_code_minus_zero_exactly(bits, f16, zmma):
             got = halves((t & op.mask) | op.magic) * halves(op.mult) + halves(op.add)
             o = 4 * i if bits == 4 else 2 * (4 * kk + i)
             c = torch.stack([(w >> o) & (2**bits - 1), (w >> (o + 16)) & (2**bits - 1)], -1)
-            want = (c.double() - (2**bits - 1) / 2) / acc_scale(bits, f16, zmma)[i % 2]  # rows: i % 2
+            want = (c.double() - (2**bits - 1) / 2) / ACC_SCALE
             assert torch.equal(got, want), (kk, i, op)
             assert torch.equal(got.to(dt).double(), got)  # the one rounding of the fma is exact
-        if biased:  # no FMA: t itself is A; one constant A per row for the second mma
-            assert {op.mult for op in plan_} == {0x3F803F80}
-            assert plan_[0].add == plan_[2].add and plan_[1].add == plan_[3].add
 
 
 def _run_warp_asm(asm: str, operands: list[list]) -> dict[int, float]:
@@ -315,6 +307,8 @@ def test_sbmm_device_all_base_only_and_errors():
         sbmm_device(x, dev["dw"], dev["scales"], none, bits=2, group_size=None, k=64)
     with pytest.raises(CodecError):
         sbmm_device(x, dev["dw"], dev["scales"], none, bits=3, group_size=None, k=64)
+    with pytest.raises(ShapeMismatchError):  # x_perm must be permute_x(x, k)
+        sbmm_device(x, dev["dw"], dev["scales"], none, bits=4, group_size=None, k=64, x_perm=x)
 
 
 def test_package_dispatch_cpu_reference():
