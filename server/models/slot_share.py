@@ -15,7 +15,12 @@ Pure bookkeeping on the host: a new share per forward (``BatchContext.share``); 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from deltahub.kernels import Plan
 
 
 def _kernels():
@@ -31,14 +36,16 @@ class SlotShare:
     def __init__(self, used: frozenset[int] | None = None) -> None:
         self.used = used
         self._slot_idx: torch.Tensor | None = None
-        self._maps: dict[tuple[frozenset[int], int], tuple[torch.Tensor, object | None]] = {}
+        self._maps: dict[tuple[frozenset[int], int], tuple[torch.Tensor, Plan | None]] = {}
         self._perm: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def touched(self, held: set[int] | frozenset[int]) -> frozenset[int]:
         """The slots of ``held`` (a pool's live slots) that the batch uses."""
         return frozenset(held) if self.used is None else self.used.intersection(held)
 
-    def mapped(self, live: frozenset[int], map_: torch.Tensor, slot_idx: torch.Tensor):
+    def mapped(
+        self, live: frozenset[int], map_: torch.Tensor, slot_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, Plan | None]:
         """(map_[slot_idx] int32 [T], its ``kernels.Plan`` over S = map_.numel() - 1 slots on CUDA,
         else None), made once per ``live``: the caller vouches that map_ sends the slots in ``live``
         to themselves and every other slot the batch uses to -1 (``touched``). A different
