@@ -496,8 +496,8 @@ def _task(
     cst = (blk, g, i4, N, sc_base, s_sn, n_groups)
     if STAGES > 0:  # Triton's pipeliner: a ring of STAGES steps in shared memory (cp.async)
         for u in tl.range(u_lo, u_hi, num_stages=STAGES):
-            acc = _step(acc, _load_step(*ld, u, BITS, BLOCK_M), u, *cst, BITS=BITS, GROUP=GROUP,
-                        BLOCK_M=BLOCK_M, F16=F16)
+            data = _load_step(*ld, u, BITS, BLOCK_M)
+            acc = _step(acc, data, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
     elif DEPTH >= 3:  # DEPTH - 1 buffers (nxt, two[, three]), each refilled right after its step
         NBUF: tl.constexpr = DEPTH - 1
         nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)
@@ -508,11 +508,11 @@ def _task(
             acc = _step(acc, nxt, u, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
             nxt = _load_step(*ld, tl.minimum(u + NBUF, last), BITS, BLOCK_M)
             if u + 1 < u_hi:
-                acc = _step(acc, two, u + 1, *cst, BITS, GROUP, BLOCK_M, F16)
+                acc = _step(acc, two, u + 1, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
             two = _load_step(*ld, tl.minimum(u + 1 + NBUF, last), BITS, BLOCK_M)
             if DEPTH == 4:
                 if u + 2 < u_hi:
-                    acc = _step(acc, three, u + 2, *cst, BITS, GROUP, BLOCK_M, F16)
+                    acc = _step(acc, three, u + 2, *cst, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, F16=F16)
                 three = _load_step(*ld, tl.minimum(u + 2 + NBUF, last), BITS, BLOCK_M)
     elif DEPTH == 2:
         nxt = _load_step(*ld, u_lo, BITS, BLOCK_M)

@@ -258,10 +258,9 @@ class _Pools:
                 out=y,
                 plan_=plan_,
             )
-        got = None if self.lora is None else self._slots("lora", self.lora, slot_idx, share)
-        if got is not None:
-            assert self.lora is not None
-            y = _kernels().sgmv(x, self.lora["a"], self.lora["b"], got[0], out=y, plan_=got[1])
+        if self.lora is not None and (got := self._slots("lora", self.lora, slot_idx, share)) is not None:
+            slots, plan_, _ = got
+            y = _kernels().sgmv(x, self.lora["a"], self.lora["b"], slots, out=y, plan_=plan_)
         if self.dense is not None and (share is None or share.touched(self.held.get("dense", set()))):
             y = self._add_dense(x, y, slot_idx)
         return y
