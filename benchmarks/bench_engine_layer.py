@@ -5,15 +5,19 @@ per step instead of once per projection; server/models/slot_share.py).
 Usage: python benchmarks/bench_engine_layer.py [--out DIR] [--bits 4 2]
 
 Seven ``DeltaLinear`` layers of 7B shapes (bf16) hold random packed 2:4 deltas (4- and 2-bit) in
-S = 32 slots, repacked into the GPU slot layout as the engine does. The layer runs their data flow
-(q, k, v read x; o reads q, standing in for attention; gate, up read h; down reads their product)
-for B tokens zipf-spread over N deltas. For each case: the whole layer as a CUDA graph (GPU time:
-the base GEMMs alone; every token base-only through the delta layers with and without a share;
-per-projection plans; shared), the same eagerly (wall time per layer, as the engine runs today:
-launch-bound; shared and per-call repetitions alternate), the CUDA kernels per layer (torch
-profiler), and the floor: base weights plus the N deltas' packed bytes at the copy bandwidth
-measured in the same run. The share knows the batch's slots (``used``), as the runner's does.
-Writes engine_layer.json and engine_layer.png under --out (default docs/benchmarks).
+S = 32 slots, repacked into the GPU slot layout as the engine does; the two RMSNorms hold a
+weight delta per slot, as full fine-tunes have. The layer runs the model's data flow (q, k, v read
+the input norm's output; o reads q, standing in for attention; the MLP, the engine's own module,
+reads the second norm's output: gate, up, then down on act(g) * u), for B tokens zipf-spread over
+N deltas. With a share the norms and act(g) * u write the permuted copy the projections read in
+the same launch (kernels/norm_act.py), so only o's input is permuted on its own. For each case:
+the whole layer as a CUDA graph (GPU time: the base GEMMs alone; every token base-only through
+the delta layers with and without a share; per-projection plans; shared), the same eagerly
+(wall time per layer, as the engine runs today: launch-bound; shared and per-call repetitions
+alternate), the CUDA kernels per layer (torch profiler), and the floor: base weights plus the N
+deltas' packed bytes at the copy bandwidth measured in the same run. The share knows the batch's
+slots (``used``), as the runner's does. Writes engine_layer.json and engine_layer.png under --out
+(default docs/benchmarks).
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from deltahub.kernels import act_mul, rms_norm
 from deltahub.kernels._common import graph_time_ms
-from deltahub.server.models.delta_linear import DeltaLinear
+from deltahub.server.models.delta_linear import DeltaLinear, DeltaRMSNorm
+from deltahub.server.models.llama import MLP
 from deltahub.server.models.slot_share import SlotShare
 
 from deltahub.format import PackedTensor, QuantLayout
@@ -51,10 +58,22 @@ SLOTS = 32
 CASES = [(1, 1), (8, 4), (32, 16), (32, 32), (64, 32)]  # (B tokens, N deltas)
 
 
-def build(bits: int, gen: torch.Generator) -> tuple[dict[str, DeltaLinear], int]:
-    """The seven layers with a random delta in every slot -> (layers, packed bytes of one slot's 7)."""
+def build(bits: int, gen: torch.Generator) -> tuple[dict, int]:
+    """The seven layers with a random delta in every slot, the two norms (a random weight delta per
+    slot) and the MLP module over gate / up / down -> (layers, packed bytes of one slot's 7)."""
     lay = QuantLayout(bits, "2:4")
     layers, one_slot = {}, 0
+    for name in ("in_norm", "post_norm"):
+        norm = DeltaRMSNorm(4096, 1e-5, SLOTS, torch.bfloat16, torch.device("cuda"))
+        norm.weight.data.fill_(1.0)
+        for s in range(SLOTS):
+            d = PackedTensor(
+                "dense", (4096,), {"delta": 0.01 * torch.randn(4096, generator=gen, device="cuda")}
+            )
+            if s == 0:
+                norm.prepare({"weight": d}, name)
+            norm.write_slot(s, {"weight": d})
+        layers[name] = norm
     for name, (k, n) in PROJ.items():
         lin = DeltaLinear(k, n, False, SLOTS, torch.bfloat16, torch.device("cuda"))
         lin.weight.data.normal_(0, 0.02, generator=gen)
@@ -68,38 +87,44 @@ def build(bits: int, gen: torch.Generator) -> tuple[dict[str, DeltaLinear], int]
         one_slot += pool["dw"][0].numel() * 2 + pool["scales"][0].numel() * 4
         layers[name] = lin
         del st
+    cfg = SimpleNamespace(hidden_size=4096, intermediate_size=11008, mlp_bias=False, hidden_act="silu")
+    mlp = MLP(cfg, SLOTS, torch.bfloat16, torch.device("meta"))  # its own weights never allocated
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = layers["gate"], layers["up"], layers["down"]
+    layers["mlp"] = mlp
     torch.cuda.synchronize()
     return layers, one_slot
 
 
-def layer_fn(layers: dict[str, DeltaLinear], x: torch.Tensor, slot_idx: torch.Tensor, used):
-    """One decoder layer's projections in the model's order. ``used``: the slots the batch uses (a
-    new SlotShare per call, i.e. per step, as the runner makes it), or None: no share."""
+def layer_fn(layers: dict, x: torch.Tensor, slot_idx: torch.Tensor, used):
+    """One decoder layer without attention, in the model's order. ``used``: the slots the batch
+    uses (a new SlotShare per call, i.e. per step, as the runner makes it), or None: no share."""
 
     def run() -> torch.Tensor:
         share = None if used is None else SlotShare(used=used)
-        q = layers["q"](x, slot_idx, share)
-        layers["k"](x, slot_idx, share)
-        layers["v"](x, slot_idx, share)
+        xn = layers["in_norm"](x, slot_idx, share)
+        q = layers["q"](xn, slot_idx, share)
+        layers["k"](xn, slot_idx, share)
+        layers["v"](xn, slot_idx, share)
         h = x + layers["o"](q, slot_idx, share)
-        g = layers["gate"](h, slot_idx, share)
-        u = layers["up"](h, slot_idx, share)
-        return h + layers["down"](F.silu(g) * u, slot_idx, share)
+        return h + layers["mlp"](layers["post_norm"](h, slot_idx, share), slot_idx, share)
 
     return run
 
 
-def gemm_fn(layers: dict[str, DeltaLinear], x: torch.Tensor):
-    """The same data flow through the base weights alone (no delta machinery)."""
+def gemm_fn(layers: dict, x: torch.Tensor):
+    """The same data flow through the base weights alone (no delta machinery; the norms' and
+    act(g) * u's kernels without deltas or permuted copies)."""
 
     def run() -> torch.Tensor:
-        w = {name: lin.weight for name, lin in layers.items()}
-        q = F.linear(x, w["q"])
-        F.linear(x, w["k"])
-        F.linear(x, w["v"])
+        w = {name: layers[name].weight for name in PROJ}
+        xn, _ = rms_norm(x, layers["in_norm"].weight, 1e-5)
+        q = F.linear(xn, w["q"])
+        F.linear(xn, w["k"])
+        F.linear(xn, w["v"])
         h = x + F.linear(q, w["o"])
-        g, u = F.linear(h, w["gate"]), F.linear(h, w["up"])
-        return h + F.linear(F.silu(g) * u, w["down"])
+        hn, _ = rms_norm(h, layers["post_norm"].weight, 1e-5)
+        a, _ = act_mul(F.linear(hn, w["gate"]), F.linear(hn, w["up"]), "silu")
+        return h + F.linear(a, w["down"])
 
     return run
 

@@ -6,7 +6,8 @@
 #    if one faults (a sticky CUDA error kills the process), the benchmark runs without them.
 # 2. The benchmark (`--no-sgmv --merge docs/benchmarks/sbmm.json` + BENCH_ARGS) -> $OUT.
 # 3. ncu on each NCU_CASE (benchmarks/ncu_sbmm.sh).
-# 4. The GPU tests last (benchmarks/device_check.sh), so a fault there costs no measurement.
+# 4. The GPU tests last (benchmarks/device_check.sh; CHECK_K: their -k filter), so a fault there
+#    costs no measurement.
 # Every output lands whole under $OUT (a `tail` of a failure cuts its message off).
 set -uo pipefail
 BENCH=()
@@ -28,5 +29,5 @@ PYTHONPATH=$SITE timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_sbmm.py 
     --out "$OUT" "${BENCH[@]}" > "$OUT/sbmm_log.txt" 2>&1
 echo "benchmark rc $?"; grep -E "^ceilings|fails|Error" "$OUT/sbmm_log.txt" | head -20
 [ $# -gt 0 ] && timeout 200 bash benchmarks/ncu_sbmm.sh "$@" > "$OUT/ncu_summary.txt" 2>&1
-timeout 240 bash benchmarks/device_check.sh -k "asm_decode or slot_layout" --tb=short > "$OUT/check.txt" 2>&1
+timeout 240 bash benchmarks/device_check.sh -k "${CHECK_K:-asm_decode or slot_layout}" --tb=short > "$OUT/check.txt" 2>&1
 echo "tests rc $?"; tail -3 "$OUT/check.txt"

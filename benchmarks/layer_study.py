@@ -3,9 +3,11 @@
 The figures the quality notes quote about single layers come from here: held-out relative
 layer-output error ||X (Δ - Δ̂)ᵀ|| / ||X Δᵀ|| of
 
-* obs with and without group act-order (``act_order`` option),
-* the 2:4 choice by OBS saliency (w² / U_jj², what obs does) vs the joint OBS cost of pruning each
-  pair (2 x 2 blocks of the inverse Hessian) — an experimental variant that is not shipped,
+* obs (with its saliency mask, ``mask="obs"``, pinned here since the default became "auto") with
+  and without group act-order (``act_order`` option),
+* the 2:4 choice by OBS saliency (w² / U_jj², what obs's saliency mask does) vs the joint OBS
+  cost of pruning each pair (2 x 2 blocks of the inverse Hessian) — an experimental variant that
+  is not shipped,
 * obs vs dare vs rtn on gradient-like ("aligned") deltas, and obs with DARE's random mask,
 * at one bit per weight (dense): obs (error feedback) vs rtn vs bitdelta, with the share of stored
   signs that differ from sign(Δ),
@@ -132,8 +134,9 @@ def main() -> None:
         u, _ = inverse_cholesky(h.clone(), k, 0.01)
         for bits in (4, 2):
             s = CodecSettings(bits, "2:4", None)
-            obs = get_codec("obs")(s)
-            plain = get_codec("obs")(CodecSettings(bits, "2:4", None, {"act_order": False}))
+            sal = CodecSettings(bits, "2:4", None, {"mask": "obs"})  # the saliency mask, not auto's
+            obs = get_codec("obs")(sal)
+            plain = get_codec("obs")(CodecSettings(bits, "2:4", None, {"act_order": False, "mask": "obs"}))
             packed = obs.compress(laplace, h)
             row = {
                 "layer": name, "bits": bits,
@@ -144,7 +147,7 @@ def main() -> None:
                 "patterns_bits_per_weight": pattern_bits(packed.parts["meta"], a.rows, k),
             }
             for codec in ("obs", "dare", "rtn"):
-                c = get_codec(codec)(s)
+                c = get_codec(codec)(sal if codec == "obs" else s)
                 approx = c.decompress(c.compress(aligned, h if codec == "obs" else None))
                 row[f"aligned_{codec}"] = rel_error(aligned, approx, x_test)
             rnd = get_codec("obs")(CodecSettings(bits, "2:4", None, {"mask": "random"}))

@@ -4,7 +4,8 @@ Public ops (see each one's ``Semantics:``): ``sbmm`` (compressed qlinear deltas)
 (the same on 2:4 2/4-bit deltas repacked into the GPU slot layout, kernels/layout.py), ``sgmv`` (LoRA),
 ``embedding_delta`` (rows of a compressed embedding delta), ``plan`` (group a batch by slot
 once, reuse it for every layer of a step) and ``permute_x`` (the copy of an input that
-``sbmm_device`` reads, shared by the layers that read it); for the compressor, ``obs_block``
+``sbmm_device`` reads, shared by the layers that read it), ``rms_norm`` and ``act_mul`` (a
+layer's projection inputs, with that copy written in the same launch); for the compressor, ``obs_block``
 (one lazy block of the obs codec's column loop). CUDA tensors run the Triton kernels; CPU
 tensors run the reference. Importing this package does not import triton.
 """
@@ -16,7 +17,18 @@ import torch
 from . import reference
 from ._common import Plan, plan
 
-__all__ = ["Plan", "embedding_delta", "obs_block", "permute_x", "plan", "sbmm", "sbmm_device", "sgmv"]
+__all__ = [
+    "Plan",
+    "act_mul",
+    "embedding_delta",
+    "obs_block",
+    "permute_x",
+    "plan",
+    "rms_norm",
+    "sbmm",
+    "sbmm_device",
+    "sgmv",
+]
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -78,6 +90,30 @@ def permute_x(x, k):
     from .sbmm24 import permute_x as fn
 
     return fn(x, k)
+
+
+def rms_norm(x, weight, eps, *, delta=None, slot=None, permute=False):
+    """Semantics: y[t] = (weight + delta[slot[t]]) * x[t] / sqrt(mean(x[t]²) + eps) (rounding:
+    kernels/norm_act.py); with ``permute`` also ``permute_x(y, K)`` from the same launch.
+
+    Shape: x [T, K] fp16/bf16; weight [K]; delta [S + 1, K] float32 or None; slot [T] in [0, S].
+    Returns (y [T, K], int32 [T, steps * 32] or None).
+    """
+    if _use_triton(x):
+        from .norm_act import rms_norm as fn
+    else:
+        fn = reference.rms_norm
+    return fn(x, weight, eps, delta=delta, slot=slot, permute=permute)
+
+
+def act_mul(g, u, act, *, permute=False):
+    """Semantics: h = act(g) * u for act in silu, gelu, gelu_tanh; with ``permute`` also
+    ``permute_x(h, N)`` from the same launch. Shape: g, u [T, N] -> (h [T, N], int32 or None)."""
+    if _use_triton(g):
+        from .norm_act import act_mul as fn
+    else:
+        fn = reference.act_mul
+    return fn(g, u, act, permute=permute)
 
 
 def sgmv(x, lora_a, lora_b, slot, *, scale=None, out=None, plan_: Plan | None = None):

@@ -54,6 +54,20 @@ def n_blocks(n: int) -> int:
     return -(-n // BLOCK_ROWS)
 
 
+def permute_x_torch(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The inputs' side of the layout: x [T, k] fp16/bf16 -> int32 [T, steps * 32], zero-padded to
+    whole steps, each 32 inputs reordered so that a thread's B fragment of mma.sp is 16 contiguous
+    bytes (pair (2 p + 8 i, +1) of a sub-step moves to int32 word 4 p + i). In torch ops: the
+    reference of ``sbmm24.permute_x`` and of the kernels that write this copy as they make x
+    (``norm_act``)."""
+    steps = n_steps(k)
+    if steps * STEP_K != k:
+        x = torch.nn.functional.pad(x, (0, steps * STEP_K - k))
+    t = x.shape[0]
+    xp = x.reshape(t, steps * 2, 4, 4, 2).transpose(2, 3).contiguous()
+    return xp.view(torch.int32).reshape(t, steps * 32)
+
+
 def device_shape(layout: QuantLayout, n: int, k: int) -> tuple[int, int]:
     """Shape of the repacked int16 array of an [n, k] delta: (n, W), the int32 words of all blocks
     spread over n rows (W = 12 per 64 inputs for 4-bit, 8 for 2-bit when n % 64 == 0)."""

@@ -187,6 +187,47 @@ def embedding_delta(
     return out
 
 
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    delta: torch.Tensor | None = None,
+    slot: torch.Tensor | None = None,
+    permute: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Semantics of ``norm_act.rms_norm``: the norm in float32 rounded to x's dtype, times
+    (weight + delta[slot]) computed in float32 and rounded to x's dtype (weight where delta is None).
+    Shape: x [T, K]; weight [K]; delta [S + 1, K] float32; slot [T] -> (y [T, K], permuted or None)."""
+    h = x.float()
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    w = weight if delta is None else (weight.float() + delta[slot]).to(x.dtype)
+    y = w * h
+    return y, _permuted(y, permute)
+
+
+ACTS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh"),
+}
+
+
+def act_mul(
+    g: torch.Tensor, u: torch.Tensor, act: str, *, permute: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Semantics of ``norm_act.act_mul``: act(g) in g's dtype, times u. Shape: g, u [T, N] ->
+    (h [T, N], permuted or None)."""
+    h = ACTS[act](g) * u
+    return h, _permuted(h, permute)
+
+
+def _permuted(y: torch.Tensor, permute: bool) -> torch.Tensor | None:
+    from .layout import permute_x_torch
+
+    return permute_x_torch(y, y.shape[1]) if permute else None
+
+
 def _two_of_four(saliency: torch.Tensor) -> torch.Tensor:
     """[n, M] -> bool mask keeping the 2 largest of every 4 (ties: the lower index), as the kernel."""
     s = saliency.reshape(saliency.shape[0], -1, 4)

@@ -847,14 +847,7 @@ def permute_x(x: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def permute_x_torch(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``permute_x`` in torch ops (the reference; a strided copy kernel on CUDA)."""
-    steps = L.n_steps(k)
-    if steps * L.STEP_K != k:
-        x = torch.nn.functional.pad(x, (0, steps * L.STEP_K - k))
-    t = x.shape[0]
-    xp = x.reshape(t, steps * 2, 4, 4, 2).transpose(2, 3).contiguous()
-    return xp.view(torch.int32).reshape(t, steps * 32)
+permute_x_torch = L.permute_x_torch  # the reference of permute_x (torch ops)
 
 
 def _rotated_plans(slot: torch.Tensor, n_slots: int, n: int = 4) -> list[Plan]:
@@ -865,12 +858,13 @@ def _rotated_plans(slot: torch.Tensor, n_slots: int, n: int = 4) -> list[Plan]:
     return [plan(torch.where(live, (slot + r * step) % n_slots, slot), n_slots) for r in range(n)]
 
 
-def tune_key(dtype, k, n, bits, group_size, n_slots, t, active=None) -> tuple:
+def tune_key(dtype, k, n, bits, group_size, n_slots, t, active=None, given_perm=False) -> tuple:
     """Autotuning key: shape, layout, slot count, batch-size class and the class of the number of
     slots the batch can touch: at most the live slots (``active``, a host-side hint) and at most
-    one per token, so a decode step of a few tokens is tuned as such with no device read."""
+    one per token, so a decode step of a few tokens is tuned as such with no device read; and
+    whether the caller gives the permuted x (then the permute is not part of a call's time)."""
     live = batch_class(touched(n_slots, t, active))
-    return ("sbmm24", dtype, k, n, bits, group_size, n_slots, batch_class(t), live)
+    return ("sbmm24", dtype, k, n, bits, group_size, n_slots, batch_class(t), live, given_perm)
 
 
 def touched(n_slots: int, t: int, active: int | None = None) -> int:
@@ -975,12 +969,14 @@ def sbmm_device(
         )  # fmt: skip
 
     if config is None:
-        key = tune_key(x.dtype, k, n, bits, group_size, n_slots, t, active)
+        key = tune_key(x.dtype, k, n, bits, group_size, n_slots, t, active, x_perm is not None)
         if t > 256:
             cands = PREFILL_CONFIGS
         else:  # split-K only pays when few (slot, token block) items leave SMs idle
             few = touched(n_slots, t, active) <= 8
             cands = DECODE_CONFIGS + STREAM_CONFIGS + (SPLIT_CONFIGS if few else [])
+        if x_perm is not None:  # reading x itself only saves the permute, which is given here
+            cands = [c for c in cands if not c.xdirect]
         config = TUNER.best.get(key)
         if config is None:  # timed as the engine runs it: back to back in a CUDA graph, other slots each call
             scratch, rotated = torch.empty_like(out), _rotated_plans(slot, n_slots)

@@ -84,6 +84,7 @@ def test_cli_compress_reconstruct_inspect(toy_models, tmp_path, capsys):
     assert info["calibration"] == {"data": str(calib), "samples": 4, "seq_len": 32}
     lin = info["groups"]["linear"]
     assert (lin["codec"], lin["bits"], lin["sparsity"], lin["group_size"]) == ("obs", 3, "2:4", 64)
+    assert lin["options"]["mask"] == "random"  # obs's mask="auto" as resolved at 3 bits
     assert {"linear", "embedding", "lm_head", "other"} <= set(info["groups"])
     for g in info["groups"].values():
         assert 0 < g["stored_bytes"] <= g["raw_bytes"]
@@ -91,6 +92,7 @@ def test_cli_compress_reconstruct_inspect(toy_models, tmp_path, capsys):
     assert info["ratio_vs_bf16"] == pytest.approx(ratio, rel=1e-3)
     code, out, err = _cli(capsys, ["inspect", d])
     assert code == 0 and "linear" in out and "fingerprint sha256:" in out and "ratio" in out
+    assert "mask random" in out
 
     m = tmp_path / "model"
     code, out, err = _cli(capsys, ["reconstruct", d, "--base", toy_models["base"], "--output", m])

@@ -87,9 +87,11 @@ def test_obs_4bit_24_greedy_agrees_with_finetune(toy_models, toy_tokenizer, tmp_
     """4-bit 2:4 obs: token agreement with the fine-tune's greedy continuations >= 0.8 and at
     least 0.3 above the base's (8 held-out prompts x 16 tokens). Measured 0.93 vs base 0.45 on
     'reverse' (0.92 vs 0.0 on 'upper'); a lost delta scores the base's agreement, a 4-bit 2:4
-    rtn delta ~0.8."""
+    rtn delta ~0.8. With obs's saliency mask: the 4-bit default's random mask scores 0.805 here
+    (these tiny 2-layer fine-tunes favour the saliency mask; real ones do not, docs/benchmarks)."""
     task = "reverse"
-    cfg = CompressConfig(method="obs", bits=4, sparsity="2:4", calibration_samples=16, seq_len=64)
+    cfg = CompressConfig(method="obs", bits=4, sparsity="2:4", calibration_samples=16, seq_len=64,
+                         options={"mask": "obs"})
     out = _roundtrip(toy_models, task, tmp_path, cfg)
     model, ft, base = _load(out), _load(toy_models[task]), _load(toy_models["base"])
     conts = [_greedy(ft, ids) for ids in _prompt_ids(toy_tokenizer, task)]

@@ -54,6 +54,7 @@ def test_vocab_matrices_get_their_own_settings(toy_models, tmp_path, capsys):
     assert tensors[head]["codec"] == "obs" and tensors[emb]["codec"] == "rtn"
     g = cfg["compression"]["groups"]
     assert (g["embedding"]["bits"], g["lm_head"]["sparsity"], g["linear"]["bits"]) == (8, "none", 2)
+    assert (g["linear"]["mask"], g["lm_head"]["mask"]) == ("obs", None)  # auto: 2 bits saliency; dense
     code, _, _ = _run(capsys, "reconstruct", tmp_path / "d", "--base", toy_models["base"],
                       "--output", tmp_path / "m")
     assert code == 0
@@ -67,6 +68,39 @@ def test_codec_options_reach_the_codec(toy_models, tmp_path, capsys):
     assert code == 0
     linear = json.loads((tmp_path / "d" / "delta_config.json").read_text())["compression"]["groups"]["linear"]
     assert (linear["mask"], linear["act_order"], linear["damp"]) == ("random", False, 0.05)
+    code, out, _ = _run(capsys, "inspect", tmp_path / "d")
+    assert code == 0 and "linear options" in out and "mask random" in out
+
+
+def test_inspect_and_card_read_deltas_of_the_saliency_default(toy_models, tmp_path, capsys):
+    """Deltas written while obs's default mask was "obs" record it for every layout (or, older,
+    nothing): inspect and the model card show what is recorded, and the delta still reconstructs."""
+    from deltahub.modelcard import render
+    from deltahub.store import DeltaReader
+
+    code, _, _ = _run(capsys, "compress", "--base", toy_models["base"], "--finetuned", toy_models["upper"],
+                      "--output", tmp_path / "d", "--calibration-samples", "4", "--seq-len", "64")
+    assert code == 0
+    path = tmp_path / "d" / "delta_config.json"
+    cfg = json.loads(path.read_text())
+    assert cfg["compression"]["groups"]["linear"]["mask"] == "random"  # 4-bit 2:4 today
+    for old in ("obs", None):
+        for group in ("linear", "lm_head"):
+            if old is None:
+                del cfg["compression"]["groups"][group]["mask"]
+            else:
+                cfg["compression"]["groups"][group]["mask"] = old
+        path.write_text(json.dumps(cfg))
+        code, out, _ = _run(capsys, "inspect", tmp_path / "d", "--json")
+        assert code == 0
+        options = json.loads(out)["groups"]["linear"]["options"]
+        assert options.get("mask") == old and options["damp"] == 0.01
+        card = render(DeltaReader(tmp_path / "d").config, tmp_path / "d", repo_id="org/upper-delta")
+        settings = next(line for line in card.splitlines() if line.startswith("| linear tensors |"))
+        assert ("mask obs" in settings) == (old == "obs") and "mask random" not in settings
+    code, _, _ = _run(capsys, "reconstruct", tmp_path / "d", "--base", toy_models["base"],
+                      "--output", tmp_path / "m")
+    assert code == 0
 
 
 def test_inspect_table_and_json(cli_delta, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -40,7 +42,8 @@ def test_layout_and_exact_24(name, bits, sparsity, group):
     n, k = 48, 200  # K not a multiple of 64: padded
     delta = torch.randn(n, k, generator=g) * 1e-3
     x = torch.randn(512, k, generator=g)
-    codec = get_codec(name)(CodecSettings(bits, sparsity, group))
+    options = {"mask": "obs"} if name == "obs" else {}  # the error bound below is the saliency mask's
+    codec = get_codec(name)(CodecSettings(bits, sparsity, group, options))
     packed = codec.compress(delta, 2 * x.T @ x / 512)
     assert packed.kind == "qlinear" and packed.shape == (n, k) and packed.layout.bits == bits
     approx = codec.decompress(packed)
@@ -66,11 +69,12 @@ def test_zero_delta_stays_zero(name):
 
 
 def test_obs_rows_are_independent():
-    """The pipeline compresses tall matrices in row chunks: the result must not depend on it."""
+    """The pipeline compresses tall matrices in row chunks: with the saliency mask the result must
+    not depend on it (the random mask's draws follow the calls, so only its distribution does)."""
     g = torch.Generator().manual_seed(2)
     delta, x = torch.randn(40, 128, generator=g) * 1e-3, torch.randn(300, 128, generator=g)
     h = 2 * x.T @ x / 300
-    codec = get_codec("obs")(CodecSettings(3, "2:4", 64))
+    codec = get_codec("obs")(CodecSettings(3, "2:4", 64, {"mask": "obs"}))
     whole = codec.decompress(codec.compress(delta, h))
     halves = torch.cat([codec.decompress(codec.compress(delta[:17], h)),
                         codec.decompress(codec.compress(delta[17:], h))])
@@ -114,11 +118,13 @@ def layer_inputs(toy_models, toy_tokenizer):
                                                     (4, "none", None)])
 def test_obs_beats_rtn_on_heldout_layer_output(layer_inputs, bits, sparsity, group):
     """Same bits and sparsity; error measured on held-out inputs. Without working error feedback
-    obs degenerates to rtn with a saliency mask and this margin is not reached."""
+    obs degenerates to rtn with a saliency mask and this margin is not reached. obs with its
+    saliency mask: the random mask (the default at >= 3 bits) has a larger layer error by design."""
     s = CodecSettings(bits, sparsity, group)
     for delta, xc, xh in layer_inputs.values():
         h = 2 * xc.T @ xc / xc.shape[0]
-        obs, rtn = get_codec("obs")(s), get_codec("rtn")(s)
+        obs = get_codec("obs")(CodecSettings(bits, sparsity, group, {"mask": "obs"}))
+        rtn = get_codec("rtn")(s)
         e_obs = _layer_error(delta, obs.decompress(obs.compress(delta, h)), xh)
         e_rtn = _layer_error(delta, rtn.decompress(rtn.compress(delta)), xh)
         assert e_obs < 0.85 * e_rtn, (bits, sparsity, group, e_obs, e_rtn)
@@ -196,24 +202,24 @@ def test_act_order_permutes_whole_groups_and_stores_in_input_order():
     assert torch.equal(hp, h[perm][:, perm])
 
     delta = torch.randn(24, 128, generator=g)
-    codec = get_codec("obs")(CodecSettings(4, "2:4", None))
+    codec = get_codec("obs")(CodecSettings(4, "2:4", None, {"mask": "obs"}))  # a mask from the data
     out = codec.decompress(codec.compress(delta, h))
     out_p = codec.decompress(codec.compress(delta[:, perm], h[perm][:, perm]))
     assert torch.allclose(out_p, out[:, perm], atol=1e-5)
-    plain = get_codec("obs")(CodecSettings(4, "2:4", None, {"act_order": False}))
+    plain = get_codec("obs")(CodecSettings(4, "2:4", None, {"act_order": False, "mask": "obs"}))
     assert not torch.allclose(plain.decompress(plain.compress(delta, h)), out)
 
 
 @pytest.mark.parametrize("group_size", [None, 32])
 def test_obs_rescale_matches_the_signal_projection(group_size):
     """``rescale``: same codes and positions, scales x β per row so that Δ̂ H Δᵀ = Δ H Δᵀ
-    (β within [0.5, 2]); 2:4 pruning shrinks the plain result, so β > 1 for most rows."""
+    (β within [0.5, 2]); 2:4 pruning by saliency shrinks the plain result, so β > 1 for most rows."""
     g = torch.Generator().manual_seed(8)
     x = torch.randn(1024, 128, generator=g) @ (torch.eye(128) + 0.3 * torch.randn(128, 128, generator=g))
     h = 2 * x.T @ x / 1024
     delta = torch.randn(40, 128, generator=g) * 1e-2
-    plain = get_codec("obs")(CodecSettings(4, "2:4", group_size))
-    scaled = get_codec("obs")(CodecSettings(4, "2:4", group_size, {"rescale": True}))
+    plain = get_codec("obs")(CodecSettings(4, "2:4", group_size, {"mask": "obs"}))
+    scaled = get_codec("obs")(CodecSettings(4, "2:4", group_size, {"rescale": True, "mask": "obs"}))
     p, s = plain.compress(delta, h), scaled.compress(delta, h)
     for part in ("qweight", "meta"):
         assert torch.equal(p.parts[part], s.parts[part])
@@ -261,3 +267,88 @@ def test_obs_random_mask_is_dare_with_error_feedback():
         sparsity = bad.pop("_s", "2:4")
         with pytest.raises(CodecError, match=match):
             get_codec("obs")(CodecSettings(4, sparsity, None, bad))
+
+
+def _hessian(k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, k, generator=g) @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g))
+    return 2 * x.T @ x / 512
+
+
+def _run(codec, delta, h) -> torch.Tensor:
+    return codec.decompress(codec.compress(delta, h))
+
+
+@pytest.mark.parametrize(("bits", "sparsity", "resolved"), [
+    (1, "2:4", "obs"), (2, "2:4", "obs"), (3, "2:4", "random"), (4, "2:4", "random"), (8, "2:4", "random"),
+    (2, "none", None), (4, "none", None),
+])
+def test_obs_default_mask_follows_the_bits(bits, sparsity, resolved):
+    """mask="auto" (the default): the random 2:4 mask at >= 3 bits, the saliency mask at <= 2
+    (the better one measured at 4 and at 2 bits), no mask for dense layouts. The resolved value is
+    what ``describe()`` records (delta_config.json), and it is what runs: the default's output
+    equals the explicit setting's and differs from the other mask's."""
+    g = torch.Generator().manual_seed(10 + bits)
+    delta = torch.randn(24, 128, generator=g) * 1e-2
+    h = _hessian(128, bits)
+    auto = get_codec("obs")(CodecSettings(bits, sparsity, None))
+    assert auto.settings.options == {} and auto.options["mask"] == resolved
+    assert auto.describe()["mask"] == resolved
+    out = _run(auto, delta, h)
+    if resolved is None:  # dense: explicit "obs" is accepted, recorded as given, and changes nothing
+        explicit = get_codec("obs")(CodecSettings(bits, sparsity, None, {"mask": "obs"}))
+        assert explicit.describe()["mask"] == "obs" and torch.equal(_run(explicit, delta, h), out)
+        return
+    same = get_codec("obs")(CodecSettings(bits, sparsity, None, {"mask": resolved}))
+    other_mask = "random" if resolved == "obs" else "obs"
+    other = get_codec("obs")(CodecSettings(bits, sparsity, None, {"mask": other_mask}))
+    assert torch.equal(_run(same, delta, h), out)
+    assert not torch.equal(_run(other, delta, h) != 0, out != 0)  # another 2:4 pattern
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_obs_explicit_mask_is_honoured(bits):
+    """mask="obs" at any bits keeps the two largest saliencies of every four (identity Hessian, no
+    act-order: saliency = w², no error to feed back); mask="random" at any bits does not, and the
+    recorded option is the one asked for."""
+    from deltahub.codecs.base import keep_two_of_four
+
+    delta = torch.randn(32, 128, generator=torch.Generator().manual_seed(12)) * 1e-2
+    ident = torch.eye(128)
+    saliency = get_codec("obs")(CodecSettings(bits, "2:4", None, {"mask": "obs", "act_order": False}))
+    rnd = get_codec("obs")(CodecSettings(bits, "2:4", None, {"mask": "random", "act_order": False}))
+    assert (saliency.describe()["mask"], rnd.describe()["mask"]) == ("obs", "random")
+    largest = keep_two_of_four(delta.abs())
+    assert torch.equal(_run(saliency, delta, ident) != 0, largest)
+    kept = _run(rnd, delta, ident) != 0
+    assert torch.equal(kept.view(32, -1, 4).sum(-1), torch.full((32, 32), 2))
+    assert float((kept == largest).float().mean()) < 0.7  # a random 2 of 4 agrees on half the entries
+
+
+@pytest.mark.parametrize(("mask", "sparsity", "match"), [
+    ("magnitude", "2:4", "obs: mask must be one of 'auto', 'obs', 'random', got 'magnitude'"),
+    (None, "2:4", "obs: mask must be one of 'auto', 'obs', 'random', got None"),
+    ("Random", "none", "got 'Random'"),
+    ("random", "none", "obs: mask='random' needs sparsity 2:4"),
+])
+def test_obs_bad_mask_is_a_codec_error(mask, sparsity, match):
+    with pytest.raises(CodecError, match=re.escape(match)):
+        get_codec("obs")(CodecSettings(4, sparsity, None, {"mask": mask}))
+
+
+def test_obs_default_random_mask_repeats_with_its_seed():
+    """The 4-bit default draws its mask from ``seed``: two codecs with one seed give the same delta
+    (tensor after tensor), another seed another mask."""
+    g = torch.Generator().manual_seed(13)
+    deltas = [torch.randn(16, 128, generator=g) * 1e-2 for _ in range(2)]
+    h = _hessian(128, 13)
+
+    def packs(options):
+        codec = get_codec("obs")(CodecSettings(4, "2:4", None, options))
+        return [codec.compress(d, h) for d in deltas]
+
+    a, b, c = packs({}), packs({"seed": 0}), packs({"seed": 1})
+    for pa, pb, pc in zip(a, b, c, strict=True):
+        assert all(torch.equal(pa.parts[k], pb.parts[k]) for k in pa.parts)
+        assert not torch.equal(pa.parts["meta"], pc.parts["meta"])
+    assert not torch.equal(a[0].parts["meta"], a[1].parts["meta"])  # the generator moves on per tensor

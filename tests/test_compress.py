@@ -86,6 +86,8 @@ def test_delta_config_records_models_settings_and_sizes(obs_delta, toy_models):
     groups = {t["group"] for t in cfg.tensors.values()}
     assert groups == {"linear", "embedding", "lm_head", "other"}
     assert cfg.compression["groups"]["linear"]["codec"] == "obs"
+    recorded = cfg.compression["groups"]  # obs's default mask="auto", recorded as resolved: random at 4 bits
+    assert recorded["linear"]["mask"] == recorded["lm_head"]["mask"] == "random"
     assert cfg.compression["groups"]["embedding"]["codec"] == "rtn"  # a lookup has no Hessian
     assert cfg.compression["calibration"] == {"data": "builtin", "samples": 16, "seq_len": 128}
     n = sum(t.numel() for t in load_file(str(toy_models["upper"] / "model.safetensors")).values())

@@ -14,6 +14,11 @@ carry the data there):
    text; jobs run in a pool of processes sharing the GPU.
 4. Writes quality.json (rows + fine-tune summary + command/date/device/versions), quality.png and
    quality_table.md into --out, after every finished job (a run cut short keeps what it has).
+   Every row carries ``run`` (the run's start time, also top-level).
+5. With ``--merge-into FILE`` (e.g. docs/benchmarks/quality.json), also writes FILE's results
+   with the pairs (fine-tune, setting label) this run measured replaced by its rows, under
+   --out/merged/ with FILE's names (``merge_results``); ``--render RUN.json --merge-into FILE``
+   does the same for an earlier run's file.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ sys.path.insert(0, str(HERE))
 DATA = HERE / "data"
 
 # (label, method, bits, sparsity, options); "lowrank" gets its budget from "obs 2-bit 2:4".
+# obs rows without a "mask" option follow obs's default, mask="auto": the random 2:4 mask at >= 3
+# bits, the saliency mask at <= 2. Runs before that default (quality.json's run 3 ... run 9)
+# measured "obs 4-bit 2:4", "obs 3-bit 2:4" and "obs 4-bit 2:4 + scale distillation" with the
+# saliency mask, now the "saliency mask" rows of ABLATIONS; each new row records its "mask".
 SETTINGS = [
     ("obs 2-bit 2:4", "obs", 2, "2:4", {}),
     ("obs 1-bit 2:4", "obs", 1, "2:4", {}),  # near bitdelta's bytes: the equal-size comparison
@@ -53,33 +62,41 @@ SETTINGS = [
     ("dare p=0.5 (2:4) 4-bit", "dare", 4, "2:4", {"p": 0.5}),
     ("dare p=0.5 (2:4) 2-bit", "dare", 2, "2:4", {"p": 0.5}),
     ("lowrank @ obs 2-bit 2:4 bytes", "lowrank", 0, "none", {"budget_of": "obs 2-bit 2:4"}),
-    # third session's ablation winners (docs/benchmarks/quality_mask.json, quality_ablations.json)
-    ("obs 4-bit 2:4 random mask", "obs", 4, "2:4", {"mask": "random"}),
-    ("obs 4-bit 2:4 random mask + scale distillation", "obs", 4, "2:4", {"mask": "random", "distill": True}),
+    # third session's ablation winner (docs/benchmarks/quality_ablations.json)
     ("obs 2-bit 2:4 rescale", "obs", 2, "2:4", {"rescale": True}),
 ]
 # Ablations of obs, run only when named in --settings: damping, calibration size, group scales.
+# The 4-bit 2:4 obs ablations below were measured with the saliency mask, the default then: they
+# pin {"mask": "obs"} so that their labels keep that meaning.
 ABLATIONS = [
-    ("obs 4-bit 2:4 damp 0.1", "obs", 4, "2:4", {"damp": 0.1}),
-    ("obs 4-bit 2:4 calib 512", "obs", 4, "2:4", {"calib_samples": 512}),
-    ("obs 4-bit 2:4 g128", "obs", 4, "2:4", {"group_size": 128}),
-    ("obs 4-bit 2:4 no act-order", "obs", 4, "2:4", {"act_order": False}),
+    # the saliency 2:4 mask at >= 3 bits (the default until mask="auto"; SETTINGS' rows now random)
+    ("obs 4-bit 2:4 saliency mask", "obs", 4, "2:4", {"mask": "obs"}),
+    ("obs 4-bit 2:4 saliency mask + scale distillation", "obs", 4, "2:4", {"mask": "obs", "distill": True}),
+    ("obs 3-bit 2:4 saliency mask", "obs", 3, "2:4", {"mask": "obs"}),
+    # the random mask spelled out (SETTINGS' 4-bit rows until mask="auto"; the same as
+    # "obs 4-bit 2:4" and "obs 4-bit 2:4 + scale distillation" now): keeps older JSONs' labels
+    ("obs 4-bit 2:4 random mask", "obs", 4, "2:4", {"mask": "random"}),
+    ("obs 4-bit 2:4 random mask + scale distillation", "obs", 4, "2:4", {"mask": "random", "distill": True}),
+    ("obs 4-bit 2:4 damp 0.1", "obs", 4, "2:4", {"mask": "obs", "damp": 0.1}),
+    ("obs 4-bit 2:4 calib 512", "obs", 4, "2:4", {"mask": "obs", "calib_samples": 512}),
+    ("obs 4-bit 2:4 g128", "obs", 4, "2:4", {"mask": "obs", "group_size": 128}),
+    ("obs 4-bit 2:4 no act-order", "obs", 4, "2:4", {"mask": "obs", "act_order": False}),
     ("obs 2-bit 2:4 damp 0.1", "obs", 2, "2:4", {"damp": 0.1}),
     ("obs 2-bit 2:4 calib 512", "obs", 2, "2:4", {"calib_samples": 512}),
     # run 2 saw distillation overfit its 64 x 256 tokens: 4x the text, same steps
     ("obs 4-bit 2:4 + scale distillation (256 samples)", "obs", 4, "2:4",
-     {"distill": True, "distill_samples": 256}),
+     {"mask": "obs", "distill": True, "distill_samples": 256}),
     ("dare p=0.5 (2:4) 4-bit + scale distillation", "dare", 4, "2:4", {"p": 0.5, "distill": True}),
     # session 3: the 2:4 mask's loss dominates (3-bit ~ 4-bit); is it obs's shrinkage, the
     # embedding's 2:4, or distillation's small training set?
-    ("obs 4-bit 2:4 rescale", "obs", 4, "2:4", {"rescale": True}),
-    ("obs 4-bit 2:4 vocab 4-bit dense", "obs", 4, "2:4", {"vocab_sparsity": "none"}),
+    ("obs 4-bit 2:4 rescale", "obs", 4, "2:4", {"mask": "obs", "rescale": True}),
+    ("obs 4-bit 2:4 vocab 4-bit dense", "obs", 4, "2:4", {"mask": "obs", "vocab_sparsity": "none"}),
     ("obs 4-bit 2:4 vocab 4-bit dense + scale distillation (256 samples)", "obs", 4, "2:4",
-     {"vocab_sparsity": "none", "distill": True, "distill_samples": 256}),
+     {"mask": "obs", "vocab_sparsity": "none", "distill": True, "distill_samples": 256}),
     ("obs 4-bit 2:4 rescale + scale distillation (256 samples)", "obs", 4, "2:4",
-     {"rescale": True, "distill": True, "distill_samples": 256}),
+     {"mask": "obs", "rescale": True, "distill": True, "distill_samples": 256}),
     ("obs 4-bit 2:4 + scale distillation (256 samples 300 steps)", "obs", 4, "2:4",
-     {"distill": True, "distill_samples": 256, "distill_steps": 300}),
+     {"mask": "obs", "distill": True, "distill_samples": 256, "distill_steps": 300}),
     ("obs 2-bit 2:4 + scale distillation (256 samples)", "obs", 2, "2:4",
      {"distill": True, "distill_samples": 256}),
     # DARE's random mask + obs's quantization with error feedback (mask fixed)
@@ -96,6 +113,7 @@ ABLATIONS = [
     ("obs 1-bit dense damp 1", "obs", 1, "none", {"damp": 1.0}),
     ("obs 1-bit dense damp 1 + scale distillation", "obs", 1, "none", {"damp": 1.0, "distill": True}),
     ("obs 1-bit dense damp 10 + scale distillation", "obs", 1, "none", {"damp": 10.0, "distill": True}),
+    ("obs 1-bit dense damp 100 + scale distillation", "obs", 1, "none", {"damp": 100.0, "distill": True}),
     # runs 6-7: undistilled, every 1-bit variant ~ bitdelta; distilled, per-row factors lose. Next:
     # bitdelta's granularity (one factor per matrix) or its learning rate for the per-row codecs
     ("obs 1-bit dense + scale distillation per matrix", "obs", 1, "none",
@@ -310,6 +328,8 @@ def codec_worker(domain: str, setting: tuple, a: dict, extra: dict) -> dict:
         "bits": bits if method != "lowrank" else None,
         "sparsity": sparsity if method != "lowrank" else None,
         "options": {**opts, **{k: options[k] for k in RUN_OPTIONS if k in options and k != "budget_of"}},
+        # obs's 2:4 mask as used (its default "auto" resolved; None: dense or another codec)
+        "mask": ((dcfg.compression.get("groups") or {}).get("linear") or {}).get("mask"),
         "payload_bytes": st["payload_bytes"],
         "ratio": round(st["finetuned_bf16_bytes"] / st["payload_bytes"], 3),
         "ppl_domain": ppl_d,
@@ -389,6 +409,16 @@ def markdown(result: dict) -> str:
             + f"{_f(f.get('ppl_domain_base'))} | {_f(f['ppl_domain'])} | {_f(f.get('ppl_general_base'))} | "
             f"{_f(f['ppl_general'])} |"
         )
+    if result.get("merged_runs"):
+        first = f"{result.get('date')}, `{result.get('command')}`"
+        lines += ["", f"Rows without a `run` field in the JSON: the file's own run ({first})."]
+        lines += [
+            f"Merged run {e['run']} ({len(e['added']) + len(e['replaced'])} rows, "
+            f"{len(e['replaced'])} replaced): "
+            + ", ".join(e["labels"])
+            + f"; `{e['command']}`."
+            for e in result["merged_runs"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -420,16 +450,63 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(result: dict, out: Path) -> None:
+def write(result: dict, out: Path, stem: str = "quality") -> None:
+    """``<stem>.json``, ``<stem>_table.md`` and ``<stem>.png`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "quality.json.tmp"
+    tmp = out / f"{stem}.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out / "quality.json")
-    (out / "quality_table.md").write_text(markdown(result))
+    os.replace(tmp, out / f"{stem}.json")
+    (out / f"{stem}_table.md").write_text(markdown(result))
     try:
-        plot(result, out / "quality.png")
+        plot(result, out / f"{stem}.png")
     except Exception as e:  # the JSON is what matters
         print("plot failed:", e, flush=True)
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """``old`` (a results file) with every (fine-tune, codec label) pair that ``new`` measured
+    replaced by new's row and every other row kept; ``old`` is not modified.
+
+    New rows carry ``run`` (new's run id: its start time, or its date for runs that recorded none);
+    rows without ``run`` come from ``old``'s own run (its top-level date and command, which stay).
+    ``merged_runs`` (top level) lists the merged runs in order: id, date, command, device,
+    versions, settings, fine-tunes, completeness, errors and the pairs each added or replaced.
+    Merging one run again replaces its earlier entry (idempotent)."""
+    run = new.get("run") or new["date"]
+    fresh = [{**r, "run": r.get("run") or run} for r in new["rows"]]
+    measured = {(r["finetune"], r["codec"]) for r in fresh}
+    kept = [r for r in old["rows"] if (r["finetune"], r["codec"]) not in measured]
+    before = {(r["finetune"], r["codec"]) for r in old["rows"] if r.get("run") != run}  # not this run's
+    earlier = [e for e in old.get("merged_runs", []) if e.get("run") == run]  # merged once already
+    replaced = (measured & before) | {p for e in earlier for p in map(tuple, e["replaced"]) if p in measured}
+    entry = {
+        "run": run,
+        "date": new["date"],
+        "command": new.get("command"),
+        "device": new.get("device"),
+        "versions": new.get("versions"),
+        "settings": new.get("settings"),
+        "finetunes": new.get("finetunes"),
+        "complete": new.get("complete"),
+        "not_run": new.get("not_run", []),
+        "errors": new.get("errors", []),
+        "labels": sorted({r["codec"] for r in fresh}),
+        # [fine-tune, label] pairs the run replaced / added (its rows carry "run")
+        "replaced": sorted(map(list, replaced)),
+        "added": sorted(map(list, measured - replaced)),
+    }
+    merged = {**old, "rows": kept + fresh}
+    merged["rows"] = ordered_rows(merged)
+    merged["merged_runs"] = [e for e in old.get("merged_runs", []) if e.get("run") != run] + [entry]
+    return merged
+
+
+def write_merged(result: dict, into: Path, out: Path) -> Path:
+    """Merge ``result`` into the results file ``into`` (read, never written) and write the merged
+    file, table and figure under ``out/merged`` with ``into``'s names; returns that folder."""
+    folder = out / "merged"
+    write(merge_results(json.loads(into.read_text()), result), folder, stem=into.stem)
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,10 +611,23 @@ def main() -> None:
         default=None,
         help="only rewrite quality_table.md and quality.png from an existing results file",
     )
+    ap.add_argument(
+        "--merge-into",
+        metavar="FILE",
+        default=None,
+        help="also write FILE's results with every (fine-tune, setting) pair this run measured "
+        "replaced by the new row, the rest kept, into OUT/merged/ under FILE's names (FILE itself "
+        "is only read); with --render, merge that results file instead of running",
+    )
     a = ap.parse_args()
+    if a.merge_into and not Path(a.merge_into).is_file():
+        raise SystemExit(f"--merge-into: {a.merge_into} is not a file")
     if a.render:
         result = json.loads(Path(a.render).read_text())
         out = Path(a.out)
+        if a.merge_into:
+            print("merged into", write_merged(result, Path(a.merge_into), out), flush=True)
+            return
         out.mkdir(parents=True, exist_ok=True)
         (out / "quality_table.md").write_text(markdown(result))
         plot(result, out / "quality.png")
@@ -586,6 +676,7 @@ def main() -> None:
     result = {
         "device": device_name,
         "date": time.strftime("%Y-%m-%d"),
+        "run": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),  # rows carry it as "run"
         "versions": versions(),
         "command": "python benchmarks/quality/run_quality.py " + " ".join(sys.argv[1:]),
         "base": {
@@ -644,6 +735,8 @@ def main() -> None:
         )
         result["elapsed_seconds"] = round(time.time() - t_start, 1)
         write(result, out)
+        if a.merge_into:
+            write_merged(result, Path(a.merge_into), out)
 
     while ft_f or pending or queue or base_f is not None:
         launch()
@@ -687,6 +780,7 @@ def main() -> None:
                 d, s = pending.pop(f)
                 row = {
                     "finetune": d,
+                    "run": result["run"],
                     **res,
                     "ppl_domain_original": fts[d]["ppl_domain"],
                     "rel_increase": res["ppl_domain"] / fts[d]["ppl_domain"] - 1,

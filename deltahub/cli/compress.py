@@ -10,7 +10,7 @@ EXAMPLES = """examples:
   deltahub compress --base ./llama-base --finetuned ./llama-chat --output ./chat-delta
   deltahub compress --base B --finetuned F --output D --bits 2 --sparsity 2:4 --device cuda
   deltahub compress --base B --finetuned F --output D --method rtn --bits 8 --sparsity none
-  deltahub compress --base B --finetuned F --output D --codec-option mask=random --device cuda
+  deltahub compress --base B --finetuned F --output D --codec-option mask=obs --device cuda
 """
 
 
@@ -28,8 +28,9 @@ def add_compress_options(parser: argparse.ArgumentParser) -> None:
                              "'none' keeps them dense (in small models they are a large share)")
     parser.add_argument("--codec-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a codec-specific option, repeatable; values are JSON (numbers, true/false) "
-                             "or plain text, e.g. obs: mask=random (DARE's random 2:4 mask, kept values "
-                             "doubled; best measured quality at 4 bits), damp=0.01, act_order=false, "
+                             "or plain text, e.g. obs: mask=auto|random|obs (the 2:4 mask; auto, the "
+                             "default: random (DARE's, kept values doubled) at >= 3 bits, saliency at "
+                             "<= 2 bits, the better one measured at each), damp=0.01, act_order=false, "
                              "rescale=true; dare: p=0.5, seed=0")
     parser.add_argument("--group-size", type=int, default=None, metavar="N",
                         help="inputs per scale (power of two >= 32); default one scale per output row")

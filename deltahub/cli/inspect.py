@@ -9,12 +9,15 @@ EXAMPLES = """examples:
   deltahub inspect ./chat-delta
   deltahub inspect ./chat-delta --json
 """
+# keys of a recorded group's settings shown in the table; the rest are codec options
+LAYOUT_KEYS = ("codec", "bits", "sparsity", "group_size")
 
 
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="show a delta's codecs, sizes and base fingerprint",
-                       description="Show per tensor group the codec, bits, sparsity and bytes before/after "
-                                   "the lossless stage, the ratio vs the fine-tune in bf16, and the base.",
+                       description="Show per tensor group the codec, bits, sparsity, codec options (as "
+                                   "recorded, e.g. obs's mask as resolved) and bytes before/after the "
+                                   "lossless stage, the ratio vs the fine-tune in bf16, and the base.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("delta", metavar="DELTA", help="delta folder or Hub id")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -27,6 +30,11 @@ def summary(folder) -> dict:
 
     cfg = DeltaReader(folder).config
     groups = cfg.group_summary()
+    recorded = cfg.compression.get("groups") or {}
+    for name, g in groups.items():  # the codec options as recorded (e.g. obs's mask as resolved)
+        options = {k: v for k, v in (recorded.get(name) or {}).items() if k not in LAYOUT_KEYS}
+        if options:
+            g["options"] = options
     payload = sum(g["stored_bytes"] for g in groups.values())
     packed = sum(g["raw_bytes"] for g in groups.values())
     bf16 = cfg.stats.get("finetuned_bf16_bytes")
@@ -66,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
         print(row.format(name, g["codec"], g.get("bits", "-"), g.get("sparsity", "-"),
                          g.get("group_size") or ("row" if "bits" in g else "-"), g["tensors"],
                          _mb(g["raw_bytes"]), _mb(g["stored_bytes"])))
+    for name, g in sorted(info["groups"].items()):
+        if g.get("options"):
+            opts = ", ".join(f"{k} {'-' if v is None else v}" for k, v in g["options"].items())
+            print(f"{name + ' options':<18} {opts}")
     ratio = info["ratio_vs_bf16"]
     print(f"\ntotal      payload {_mb(info['payload_bytes'])} (packed {_mb(info['packed_bytes'])}); "
           f"fine-tune in bf16 {_mb(info['finetuned_bf16_bytes'])}; "

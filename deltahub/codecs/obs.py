@@ -5,11 +5,11 @@ For a delta Δ [N, K] of a linear layer and its calibration Hessian H = 2 X Xᵀ
 1. Damp H (``damp`` x mean diagonal, more if Cholesky fails), give dead inputs (H_ii = 0) a unit
    diagonal and zero their weights; pad K to Kp with an identity block.
 2. U = upper Cholesky factor of H⁻¹. Columns are processed left to right in lazy blocks of
-   ``block_size``: at the start of every group of 4 columns the 2:4 mask keeps the two entries of
-   largest OBS saliency w² / U_jj² (U_jj² is [H_F⁻¹]_jj over the columns F not yet fixed); each
-   column is then quantized (pruned entries are 0) and its error e = (w - q) / U_jj is spread
-   over the remaining columns of the block (w_F -= e U_jF); a block's accumulated errors update
-   the columns right of it in one matmul.
+   ``block_size``: at the start of every group of 4 columns the 2:4 mask (``mask="obs"``, step 5)
+   keeps the two entries of largest OBS saliency w² / U_jj² (U_jj² is [H_F⁻¹]_jj over the
+   columns F not yet fixed); each column is then quantized (pruned entries are 0) and its error
+   e = (w - q) / U_jj is spread over the remaining columns of the block (w_F -= e U_jF); a
+   block's accumulated errors update the columns right of it in one matmul.
 3. Scales: per output row from the full (padded) row, or per group of ``group_size`` inputs
    computed when the group starts (from the error-updated weights); each is the clipping ratio
    with least squared error on the entries a provisional saliency mask keeps.
@@ -18,11 +18,20 @@ For a delta Δ [N, K] of a linear layer and its calibration Hessian H = 2 X Xᵀ
    errors land on columns that matter less (the 2:4 groups themselves are unchanged). Held-out
    layer-output error on SmolLM2-135M inputs (benchmarks/layer_study.py): -0.2 to -3.8 % at
    4 bits, +0.3 to -11 % at 2 bits.
-5. ``mask="random"`` (default ``"obs"``): the 2:4 mask is drawn at random (two of every four,
-   uniformly, as ``dare``) instead of by saliency, the kept entries are doubled (unbiased in
-   expectation), and steps 2-3 then only quantize, with the mask fixed: the error feedback spreads
-   quantization errors, not pruned weights. Options ``seed`` (0): one generator per codec, drawn in
-   the order tensors are compressed.
+5. ``mask``: which 2:4 mask. ``"obs"``: by saliency, as in step 2. ``"random"``: drawn at random
+   (two of every four, uniformly, as ``dare``), the kept entries doubled (unbiased in
+   expectation); steps 2-3 then only quantize, with the mask fixed: the error feedback spreads
+   quantization errors, not pruned weights (``seed``, 0: one generator per codec, drawn in the
+   order tensors are compressed). ``"auto"`` (default) is ``"random"`` for 2:4 at >= 3 bits and
+   ``"obs"`` at <= 2 bits; dense layouts have no mask (recorded as None). Why: held-out
+   perplexity on four real fine-tunes of SmolLM2-135M (docs/benchmarks/README.md, runs 5 and 9):
+   4-bit 2:4 +0.13-0.26 % random vs +0.68-0.90 % saliency, with fewer bytes, although the random
+   mask's layer error is larger (our reading: the saliency mask's per-layer shrinkage adds up
+   over layers); 2-bit 2:4 +1.23-1.59 % saliency vs +1.94-2.78 % random (the doubled values'
+   quantization error dominates). 3 bits follows 4 (not measured with the random mask;
+   saliency 3-bit ≈ 4-bit). One model family: on the tests' tiny 2-layer toy fine-tunes the
+   saliency mask does better at 4 bits (``deltahub demo`` pins it). ``describe()`` records the
+   resolved value.
 6. ``rescale`` (default off): each row's scales are multiplied by β = Δ H Δᵀ / Δ̂ H Δᵀ (clamped
    to [0.5, 2]), so the row's output Δ̂x has the right projection on the fine-tune's Δx over the
    calibration inputs. The least-squares result of steps 1-3 is shrunk (2:4 pruning drops part of
@@ -139,23 +148,38 @@ def signal_rescale(delta: torch.Tensor, codes: torch.Tensor, keep: torch.Tensor 
     return scales * beta[:, None]
 
 
+MASKS = ("auto", "obs", "random")
+
+
+def resolve_mask(mask: object, layout: fmt.QuantLayout) -> str | None:
+    """The ``mask`` option as used: "obs" / "random" for a 2:4 layout (``"auto"``: "random" at
+    >= 3 bits, "obs" at <= 2; step 5), None for a dense one (no mask; explicit "obs" is kept).
+    CodecError for any other value, or "random" without 2:4."""
+    if mask not in MASKS:
+        raise CodecError(f"obs: mask must be one of {', '.join(map(repr, MASKS))}, got {mask!r}")
+    if not layout.sparse:
+        if mask == "random":
+            raise CodecError("obs: mask='random' needs sparsity 2:4")
+        return None if mask == "auto" else "obs"
+    if mask == "auto":
+        return "random" if layout.bits >= 3 else "obs"
+    return str(mask)
+
+
 class ObsCodec(QuantCodec):
     """SparseGPT/GPTQ with error feedback. Options: ``damp`` (0.01), ``block_size`` (128),
     ``act_order`` (True: groups of 4 inputs in decreasing H_ii order; per-row scales only),
-    ``mask`` ("obs" or "random", 2:4 only) and ``seed`` (0), ``rescale`` (False): steps 5-6 of
-    the module docstring."""
+    ``mask`` ("auto", "obs" or "random"; 2:4 only) and ``seed`` (0), ``rescale`` (False): steps
+    5-6 of the module docstring. ``self.options["mask"]`` holds the resolved mask."""
 
     name = "obs"
     needs_calibration = True
-    default_options = {"damp": 0.01, "block_size": 128, "act_order": True, "mask": "obs", "seed": 0,
+    default_options = {"damp": 0.01, "block_size": 128, "act_order": True, "mask": "auto", "seed": 0,
                        "rescale": False}
 
     def __init__(self, settings: CodecSettings | None = None) -> None:
         super().__init__(settings)
-        if self.options["mask"] not in ("obs", "random"):
-            raise CodecError(f"obs: mask must be 'obs' or 'random', got {self.options['mask']!r}")
-        if self.options["mask"] == "random" and not self.layout.sparse:
-            raise CodecError("obs: mask='random' needs sparsity 2:4")
+        self.options["mask"] = resolve_mask(self.options["mask"], self.layout)
         self._gen = DeviceGenerators(int(self.options["seed"]))
 
     @torch.no_grad()

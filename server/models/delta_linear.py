@@ -477,8 +477,16 @@ class DeltaRMSNorm(DeltaModule):
     def pools(self) -> dict[str, _Pools | _VectorPool]:
         return self._pools  # type: ignore[return-value]
 
-    def forward(self, x: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self._pools["weight"].effective(self.weight, slot_idx) * h.to(dtype)
+    def forward(
+        self, x: torch.Tensor, slot_idx: torch.Tensor, share: SlotShare | None = None
+    ) -> torch.Tensor:
+        """x [T, H], slot_idx [T] -> [T, H]. One kernel on CUDA (``kernels.rms_norm``), which with a
+        ``share`` also writes the permuted copy the next projections read and offers it there."""
+        d = self._pools["weight"].d  # type: ignore[union-attr]
+        permute = share is not None and x.is_cuda
+        y, yp = _kernels().rms_norm(
+            x, self.weight, self.eps, delta=d, slot=None if d is None else slot_idx, permute=permute
+        )
+        if share is not None and yp is not None:
+            share.offer(y, x.shape[1], yp)
+        return y

@@ -15,6 +15,7 @@ from deltahub.server.models.delta_linear import DeltaEmbedding, DeltaLinear, Del
 from deltahub.server.models.slot_share import SlotShare
 from torch import nn
 
+from deltahub import kernels
 from deltahub.errors import ModelSourceError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -105,11 +106,7 @@ class MLP(nn.Module):
         self.up_proj = DeltaLinear(h, i, bias, num_slots, dtype, device)
         self.down_proj = DeltaLinear(i, h, bias, num_slots, dtype, device)
         act = getattr(cfg, "hidden_act", "silu")
-        acts = {
-            "silu": nn.functional.silu,
-            "gelu": nn.functional.gelu,
-            "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
-        }
+        acts = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}  # -> kernels.act_mul's
         if act not in acts:
             raise ModelSourceError(f"activation {act!r} is not supported")
         self.act = acts[act]
@@ -117,7 +114,10 @@ class MLP(nn.Module):
     def forward(
         self, x: torch.Tensor, slot_idx: torch.Tensor, share: SlotShare | None = None
     ) -> torch.Tensor:
-        h = self.act(self.gate_proj(x, slot_idx, share)) * self.up_proj(x, slot_idx, share)
+        g, u = self.gate_proj(x, slot_idx, share), self.up_proj(x, slot_idx, share)
+        h, hp = kernels.act_mul(g, u, self.act, permute=share is not None and g.is_cuda)
+        if share is not None and hp is not None:
+            share.offer(h, h.shape[1], hp)
         return self.down_proj(h, slot_idx, share)
 
 
@@ -131,8 +131,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, num_slots, dtype, device)
 
     def forward(self, x, ctx, cos, sin, kv):
-        x = x + self.self_attn(self.input_layernorm(x, ctx.slot_idx), ctx, cos, sin, kv)
-        return x + self.mlp(self.post_attention_layernorm(x, ctx.slot_idx), ctx.slot_idx, ctx.share)
+        x = x + self.self_attn(self.input_layernorm(x, ctx.slot_idx, ctx.share), ctx, cos, sin, kv)
+        h = self.post_attention_layernorm(x, ctx.slot_idx, ctx.share)
+        return x + self.mlp(h, ctx.slot_idx, ctx.share)
 
 
 class Backbone(nn.Module):

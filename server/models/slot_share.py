@@ -6,9 +6,11 @@ live slots map the tokens alike: their gathered slot [T] and its ``Plan`` (a sor
 about five small kernels on CUDA) are made once per set of live slots and reused by every such
 layer of the step (7 per decoder layer in Llama), instead of once per layer. Layers that read
 the same input one after the other (q / k / v, gate / up) share the copy of x that the slot-layout
-SBMM reads (``kernels.permute_x``). Given the slots the batch's tokens use (``used``, known on
-the host when the step is scheduled), a layer whose pool holds none of them skips its delta
-kernels, and the rest key on (and tune for) the slots the batch can touch.
+SBMM reads (``kernels.permute_x``); the norms and the MLP's act(g) * u write that copy in the
+launch that makes their output (``offer``), so only o_proj's input is permuted on its own. Given
+the slots the batch's tokens use (``used``, known on the host when the step is scheduled), a layer
+whose pool holds none of them skips its delta kernels, and the rest key on (and tune for) the
+slots the batch can touch.
 
 Pure bookkeeping on the host: a new share per forward (``BatchContext.share``); nothing here syncs.
 """
@@ -59,6 +61,10 @@ class SlotShare:
             hit = (slots, _kernels().plan(slots, map_.numel() - 1) if slots.is_cuda else None)
             self._maps[key] = hit
         return hit
+
+    def offer(self, x: torch.Tensor, k: int, xp: torch.Tensor) -> None:
+        """Take ``xp`` = ``kernels.permute_x(x, k)``, made by x's producer, for the calls that read x."""
+        self._perm = (x, k, xp)
 
     def permuted(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """``kernels.permute_x(x, k)``, made once for consecutive calls on the same x tensor, which

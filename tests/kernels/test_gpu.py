@@ -210,3 +210,30 @@ def test_gpu_delta_linear_slot_layout():
     one = sbmm_device(x, pool["dw"], pool["scales"], dev_slot, **kw)
     two = sbmm_device(x, pool["dw"], pool["scales"], dev_slot, **kw, x_perm=permute_x(x, k))
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_norm_act_write_the_permuted_copy(dtype):
+    """rms_norm / act_mul compiled: the reference's values (a unit in the last place: rsqrt and
+    the sum's order), and the permuted copy bit-equal to permute_x of their own output."""
+    from deltahub.kernels.norm_act import act_mul, rms_norm
+    from deltahub.kernels.sbmm24 import permute_x
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    tol = {"rtol": 2**-7 if dtype == torch.bfloat16 else 2**-10, "atol": 1e-3}
+    for t, k in [(1, 4096), (37, 576), (64, 11008), (5, 1100)]:
+        x = (3 * torch.randn(t, k, device="cuda", generator=gen)).to(dtype)
+        w = (1 + 0.1 * torch.randn(k, device="cuda", generator=gen)).to(dtype)
+        delta = 0.05 * torch.randn(5, k, device="cuda", generator=gen)
+        delta[4] = 0
+        slot = torch.randint(0, 5, (t,), device="cuda", generator=gen)
+        y, yp = rms_norm(x, w, 1e-6, delta=delta, slot=slot, permute=True)
+        want, _ = reference.rms_norm(x, w, 1e-6, delta=delta, slot=slot)
+        torch.testing.assert_close(y, want, **tol)
+        assert torch.equal(yp, permute_x(y, k))
+        u = torch.randn(t, k, device="cuda", generator=gen).to(dtype)
+        for act in ("silu", "gelu", "gelu_tanh"):
+            h, hp = act_mul(x, u, act, permute=True)
+            want, _ = reference.act_mul(x, u, act)
+            torch.testing.assert_close(h, want, **tol)
+            assert torch.equal(hp, permute_x(h, k))

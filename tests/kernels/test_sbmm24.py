@@ -264,10 +264,12 @@ def test_tune_key_bounds_touched_slots_by_tokens():
     use split-K) as such, with no device read; bigger batches keep the live-slot class."""
     from deltahub.kernels._common import batch_class
 
-    key = lambda t, active: tune_key(torch.bfloat16, 4096, 4096, 4, None, 64, t, active)  # noqa: E731
-    assert key(1, 32) == key(1, 1) and key(1, 32)[-1] == batch_class(1)
-    assert key(64, 32)[-1] == batch_class(32)  # enough tokens: the live slots bound it
-    assert key(256, None)[-1] == batch_class(64)  # no hint: all 64 slots
+    key = lambda t, active, given=False: tune_key(torch.bfloat16, 4096, 4096, 4, None, 64, t, active, given)  # noqa: E731
+    assert key(1, 32) == key(1, 1) and key(1, 32)[-2] == batch_class(1)
+    assert key(64, 32)[-2] == batch_class(32)  # enough tokens: the live slots bound it
+    assert key(256, None)[-2] == batch_class(64)  # no hint: all 64 slots
+    # a call given x's permuted copy does not pay the permute: tuned apart from one that does
+    assert key(64, 32, True) != key(64, 32) and key(64, 32, True)[:-1] == key(64, 32)[:-1]
 
 
 @pytest.mark.parametrize("fn", [permute_x, permute_x_torch])
