@@ -96,10 +96,11 @@ def rms_norm(x, weight, eps, *, delta=None, slot=None, permute=False):
     """Semantics: y[t] = (weight + delta[slot[t]]) * x[t] / sqrt(mean(x[t]²) + eps) (rounding:
     kernels/norm_act.py); with ``permute`` also ``permute_x(y, K)`` from the same launch.
 
-    Shape: x [T, K] fp16/bf16; weight [K]; delta [S + 1, K] float32 or None; slot [T] in [0, S].
-    Returns (y [T, K], int32 [T, steps * 32] or None).
+    Shape: x [T, K]; weight [K]; delta [S + 1, K] float32 or None; slot [T] in [0, S]. Returns
+    (y [T, K], int32 [T, steps * 32] or None). The Triton kernel on CUDA fp16/bf16, else the
+    reference (``permute`` for 16-bit x only).
     """
-    if _use_triton(x):
+    if _use_triton(x) and x.dtype in (torch.float16, torch.bfloat16):
         from .norm_act import rms_norm as fn
     else:
         fn = reference.rms_norm
@@ -109,7 +110,7 @@ def rms_norm(x, weight, eps, *, delta=None, slot=None, permute=False):
 def act_mul(g, u, act, *, permute=False):
     """Semantics: h = act(g) * u for act in silu, gelu, gelu_tanh; with ``permute`` also
     ``permute_x(h, N)`` from the same launch. Shape: g, u [T, N] -> (h [T, N], int32 or None)."""
-    if _use_triton(g):
+    if _use_triton(g) and g.dtype in (torch.float16, torch.bfloat16):
         from .norm_act import act_mul as fn
     else:
         fn = reference.act_mul
