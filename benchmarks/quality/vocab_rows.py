@@ -83,6 +83,7 @@ def probe_worker(domain: str, a: dict) -> dict:
     }
 
     def keep_rows(mask: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
+        """The base embedding plus dd on the rows of mask, on emb's device and dtype."""
         return (base_e + dd * mask[:, None]).to(emb.device, emb.dtype)
 
     masks = []
@@ -91,22 +92,20 @@ def probe_worker(domain: str, a: dict) -> dict:
         m[order[: max(1, round(f * v))]] = True
         masks.append(m)
         out["energy_top"].append(float(energy[m].sum() / energy.sum()))
-    with torch.no_grad():
-        for m in masks:
-            emb.copy_(keep_rows(m, d))
-            out["ppl_exact_top"].append(ppl(model))
-        emb.copy_(keep_rows(seen, d))
-        out["ppl_exact_train_rows"] = ppl(model)
+    @torch.no_grad()
+    def cut(m, dd: torch.Tensor, key: str) -> None:
+        """Perplexity of m with its embedding delta dd kept on each mask's rows, then on ``seen``."""
+        w = _embedding(m)
+        for mask in masks:
+            w.copy_(keep_rows(mask, dd))
+            out[f"ppl_{key}_top"].append(ppl(m))
+        w.copy_(keep_rows(seen, dd))
+        out[f"ppl_{key}_train_rows"] = ppl(m)
+
+    cut(model, d, "exact")
     del model
     rec = load_reconstructed(delta, a["base"], a["device"])
-    remb = _embedding(rec)
-    d_rec = remb.detach().float().cpu() - base_e
-    with torch.no_grad():
-        for m in masks:
-            remb.copy_(keep_rows(m, d_rec))
-            out["ppl_obs2_top"].append(ppl(rec))
-        remb.copy_(keep_rows(seen, d_rec))
-        out["ppl_obs2_train_rows"] = ppl(rec)
+    cut(rec, _embedding(rec).detach().float().cpu() - base_e, "obs2")
     cfg = DeltaReader(delta).config
     # stored bytes per part ("<tensor>.<part>"); the vocabulary matrix: the embedding (tied: the
     # lm_head's too), else the lm_head
