@@ -542,31 +542,6 @@ def _task(
 
 
 @triton.jit
-def _finish_task(
-    ws_ptr, cnt, out_ptr, order_ptr, start, seg_hi, rg, N, s_ot, s_on,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, WARPS: tl.constexpr,
-):  # fmt: skip
-    """After a piece has added its part into ws: count it at ``cnt`` (the program's threads first
-    meet at a barrier, the count is an acquire-release atomic); the last of the SPLIT pieces adds
-    the task's fp32 sums to out (tokens start..seg_hi, rows of group rg) and zeroes ws and cnt."""
-    tl.debug_barrier()
-    if tl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT - 1:
-        R: tl.constexpr = 64 * WARPS
-        rows = rg * R + tl.arange(0, R)
-        m = start + tl.arange(0, BLOCK_M)
-        ok_m = m < seg_hi
-        tok = tl.load(order_ptr + m, mask=ok_m, other=0).to(tl.int64)
-        ok = ok_m[:, None] & (rows < N)[None, :]
-        w_ptrs = ws_ptr + tok[:, None] * N + rows[None, :]
-        part = tl.load(w_ptrs, mask=ok, other=0.0, cache_modifier=".cg")
-        o_ptrs = out_ptr + tok[:, None] * s_ot + rows[None, :] * s_on
-        prev = tl.load(o_ptrs, mask=ok, other=0.0)
-        tl.store(o_ptrs, (prev.to(tl.float32) + part).to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(w_ptrs, tl.zeros((BLOCK_M, R), dtype=tl.float32), mask=ok)
-        tl.atomic_xchg(cnt, 0, sem="relaxed")
-
-
-@triton.jit
 def _sbmm24_kernel(
     x_ptr,
     dw_ptr,
@@ -597,9 +572,6 @@ def _sbmm24_kernel(
     STREAM: tl.constexpr,
     PAIRS: tl.constexpr,
     XDIRECT: tl.constexpr,
-    ws_ptr,
-    cnt_ptr,
-    PARTIALS: tl.constexpr,
 ):
     """x_ptr: ``permute_x(x)`` as int32 (bf16 pairs; x itself viewed as int32 if XDIRECT), dw_ptr:
     the slot layout as int32. One step = 64 inputs = 2 sparse mma k-steps per tile and token block
@@ -608,9 +580,7 @@ def _sbmm24_kernel(
     - STREAM: (programs,), each runs an equal share of all tasks' steps (stream-K), in order;
       pieces of a task add atomically.
     - else (row groups x SPLIT, work items): one task per program, split-K over SPLIT programs
-      (atomic adds if SPLIT > 1). PARTIALS: the pieces add fp32 into ws_ptr ([tokens, N] float32,
-      zero) and count themselves in cnt_ptr (one int32 per task, zero); the last piece of a task
-      adds the sum into out (one rounding) and zeroes both again (``_finish_task``)."""
+      (atomic adds if SPLIT > 1)."""
     NG = tl.cdiv(NB, WARPS)
     args = (N, NB, n_steps, n_groups, s_xt, s_ds, s_ss, s_sn, s_ot, s_on)
     if STREAM:
@@ -632,23 +602,11 @@ def _sbmm24_kernel(
             u_lo = (tl.program_id(0) % SPLIT) * per
             u_hi = tl.minimum(u_lo + per, n_steps)
             rg = tl.program_id(0) // SPLIT
-            if PARTIALS:
-                pargs = (N, NB, n_steps, n_groups, s_xt, s_ds, s_ss, s_sn, N, 1)  # into ws [T, N]
-                _task(
-                    x_ptr, dw_ptr, sc_ptr, ws_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, True, *pargs,
-                    BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
-                    STAGES=STAGES, PAIRS=False, XDIRECT=XDIRECT,
-                )  # fmt: skip
-                _finish_task(
-                    ws_ptr, cnt_ptr + tl.program_id(1) * NG + rg, out_ptr, order_ptr, start, seg_hi, rg, N,
-                    s_ot, s_on, SPLIT=SPLIT, BLOCK_M=BLOCK_M, WARPS=WARPS,
-                )  # fmt: skip
-            else:
-                _task(
-                    x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, SPLIT > 1,
-                    *args, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
-                    STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT,
-                )  # fmt: skip
+            _task(
+                x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, SPLIT > 1, *args,
+                BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
+                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -799,9 +757,7 @@ class Config(NamedTuple):
     ``stages``: > 0 replaces the register pipeline by a ring of that many steps in shared memory
     (Triton's pipeliner: cp.async; ~55 registers instead of 90-106). ``xdirect``: read x's B
     fragments from x itself (4 four-byte loads) instead of a permuted copy made per call (one
-    kernel less; K a multiple of 64). ``partials`` (split > 1, no stream): the pieces add in
-    float32 and the last one rounds once into out (``_finish_task``; a workspace per device), so
-    the output is rounded once however many pieces, instead of once per piece."""
+    kernel less; K a multiple of 64)."""
 
     block_m: int
     num_warps: int = 4
@@ -811,7 +767,6 @@ class Config(NamedTuple):
     maxnreg: int | None = None
     stages: int = 0
     xdirect: bool = False
-    partials: bool = False
 
 
 # Candidates for Hopper (benchmarks/NOTES-sbmm.md, v6: the H200 sweep of every config on the 30
@@ -857,13 +812,9 @@ SPLIT_CONFIGS = [
 ]
 PREFILL_CONFIGS = [Config(16, 4, depth=3), Config(16, 8), Config(16, 4)]
 # Not picked by the tuner until measured: the benchmark checks them against the reference and
-# times them in its sweep, the GPU tests run them (session 7 measured the zero-point mma and
-# removed it, NOTES-sbmm.md v8; session 8 wrote float32 split-K partials, v9).
-TRIAL_CONFIGS: list[Config] = [  # session 8: float32 partials, so split 8 could serve any slot count
-    Config(8, 1, 8, stages=4, partials=True),
-    Config(8, 2, 8, stages=3, partials=True),
-    Config(8, 4, 2, depth=3, partials=True),
-]
+# times them in its sweep, the GPU tests run them (none now: session 7 measured the last ones,
+# the zero-point mma, and removed it; NOTES-sbmm.md v8).
+TRIAL_CONFIGS: list[Config] = []
 INTERPRET_BLOCK = (16, 32)  # (tokens, rows) per program of the interpreter kernel
 TUNER = Tuner(graph=True)
 
@@ -897,28 +848,6 @@ def permute_x(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 permute_x_torch = L.permute_x_torch  # the reference of permute_x (torch ops)
-
-
-_PARTIALS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def partials_workspace(device: torch.device, n_sums: int, n_tasks: int):
-    """(float32 [>= n_sums], int32 [>= n_tasks]), zero, for ``Config.partials`` (one per device: the
-    kernel leaves both zero again, so calls on one device must not overlap in time on two
-    streams), grown when too small; None while a CUDA graph is being captured and it is too small
-    (the caller then adds pieces in 16 bits)."""
-    ws = _PARTIALS.get(device)
-    if ws is not None and ws[0].numel() >= n_sums and ws[1].numel() >= n_tasks:
-        return ws
-    if torch.cuda.is_current_stream_capturing():
-        return None
-    old = (0, 0) if ws is None else (ws[0].numel(), ws[1].numel())
-    ws = (
-        torch.zeros(max(n_sums, old[0]), dtype=torch.float32, device=device),
-        torch.zeros(max(n_tasks, old[1], 1), dtype=torch.int32, device=device),
-    )
-    _PARTIALS[device] = ws
-    return ws
 
 
 def _rotated_plans(slot: torch.Tensor, n_slots: int, n: int = 4) -> list[Plan]:
@@ -1029,12 +958,6 @@ def sbmm_device(
             grid = (c.stream * n_sms(x.device),)
         else:
             grid = (triton.cdiv(nb, c.num_warps) * c.split, min(n_slots, t) + triton.cdiv(t, c.block_m))
-        ws = None
-        if c.partials and c.split > 1 and not c.stream:  # else (no room under capture) 16-bit adds
-            ws = partials_workspace(x.device, t * n, grid[1] * triton.cdiv(nb, c.num_warps))
-        extra = {"ws_ptr": o, "cnt_ptr": p.seg, "PARTIALS": False}  # unused placeholders
-        if ws is not None:
-            extra = {"ws_ptr": ws[0], "cnt_ptr": ws[1], "PARTIALS": True}
         _sbmm24_kernel[grid](
             xk, dw32, scales, o, p.order, p.seg, n, n_slots, nb, steps, scales.shape[2], xk.numel() // t,
             dw32.stride(0), scales.stride(0), scales.stride(1), o.stride(0), o.stride(1),
@@ -1042,11 +965,9 @@ def sbmm_device(
             WARPS=c.num_warps, F16=f16, SPLIT=c.split, DEPTH=c.depth,
             STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, XDIRECT=direct,
             num_warps=c.num_warps,
-            num_stages=max(1, c.stages), maxnreg=c.maxnreg, **extra,
+            num_stages=max(1, c.stages), maxnreg=c.maxnreg,
         )  # fmt: skip
 
-    if t <= 256 and not torch.cuda.is_current_stream_capturing():  # room for split configs' partials
-        partials_workspace(x.device, t * n, (min(n_slots, t) + t) * L.n_blocks(n))
     if config is None:
         key = tune_key(x.dtype, k, n, bits, group_size, n_slots, t, active, x_perm is not None)
         if t > 256:
