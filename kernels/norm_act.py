@@ -21,6 +21,7 @@ from deltahub.errors import ModelSourceError, ShapeMismatchError
 
 from . import layout as L
 from ._common import check_device, next_pow2
+from .sbmm24 import _src_word
 
 ACTS = ("silu", "gelu", "gelu_tanh")
 
@@ -28,10 +29,8 @@ ACTS = ("silu", "gelu", "gelu_tanh")
 @triton.jit
 def _perm_src(o):
     """Element index of the input that lands at element o of the permuted copy (pairs of 16-bit
-    values move as int32 words: word j takes word j - w + w // 4 + 4 (w % 4), w = j % 16)."""
-    j = o // 2
-    w = j % 16
-    return 2 * (j - w + w // 4 + 4 * (w % 4)) + o % 2
+    values move as int32 words, ``sbmm24._src_word``)."""
+    return 2 * _src_word(o // 2) + o % 2
 
 
 @triton.jit
@@ -46,10 +45,10 @@ def _round16(v, F16: tl.constexpr):
 
 
 @triton.jit
-def _norm_values(x_ptr, w_ptr, d_ptr, e, k, rstd, HAS_DELTA: tl.constexpr, F16: tl.constexpr):
-    """y at input elements e (0 where e >= k), rounded as the module docstring says."""
+def _norm_values(x, w_ptr, d_ptr, e, k, rstd, HAS_DELTA: tl.constexpr, F16: tl.constexpr):
+    """y at input elements e from x there (float32, 0 where e >= k), rounded as the module
+    docstring says."""
     m = e < k
-    x = tl.load(x_ptr + e, mask=m, other=0).to(tl.float32)
     w = tl.load(w_ptr + e, mask=m, other=0).to(tl.float32)
     if HAS_DELTA:
         w = _round16(w + tl.load(d_ptr + e, mask=m, other=0), F16).to(tl.float32)
@@ -71,11 +70,13 @@ def _rms_norm_kernel(
     d_row = d_ptr
     if HAS_DELTA:
         d_row = d_ptr + tl.load(slot_ptr + t).to(tl.int64) * s_d
-    y = _norm_values(x_row, w_ptr, d_row, offs, k, rstd, HAS_DELTA, F16)
+    y = _norm_values(x, w_ptr, d_row, offs, k, rstd, HAS_DELTA, F16)
     tl.store(y_ptr + t * s_y + offs, y, mask=offs < k)
     if PERM:
         o = tl.arange(0, BLOCK_P)
-        yp = _norm_values(x_row, w_ptr, d_row, _perm_src(o), k, rstd, HAS_DELTA, F16)
+        src = _perm_src(o)
+        xs = tl.load(x_row + src, mask=src < k, other=0).to(tl.float32)
+        yp = _norm_values(xs, w_ptr, d_row, src, k, rstd, HAS_DELTA, F16)
         tl.store(yp_ptr + t * s_yp + o, yp, mask=o < kp)
 
 

@@ -820,13 +820,20 @@ TUNER = Tuner(graph=True)
 
 
 @triton.jit
+def _src_word(j):
+    """The int32 word (a bf16/fp16 pair) of x that lands at word j of ``permute_x``'s copy:
+    16 (j // 16) + (j % 16) // 4 + 4 (j % 4), inside j's block of 16 words."""
+    w = j % 16
+    return j - w + w // 4 + 4 * (w % 4)
+
+
+@triton.jit
 def _permute_x_kernel(x_ptr, out_ptr, kw, W, s_x, s_o, BLOCK: tl.constexpr):
-    """out[t, j] = x[t, 16 (j // 16) + (j % 16) // 4 + 4 (j % 4)] for int32 words j < W (bf16/fp16
-    pairs; 0 past x's kw words). Grid: (tokens, word blocks)."""
+    """out[t, j] = x[t, _src_word(j)] for int32 words j < W (bf16/fp16 pairs; 0 past x's kw
+    words). Grid: (tokens, word blocks)."""
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    w = j % 16
-    src = j - w + w // 4 + 4 * (w % 4)  # same block of 16 words: src >= kw wherever j >= W
+    src = _src_word(j)  # same block of 16 words: src >= kw wherever j >= W
     v = tl.load(x_ptr + t * s_x + src, mask=src < kw, other=0)
     tl.store(out_ptr + t * s_o + j, v, mask=j < W)
 

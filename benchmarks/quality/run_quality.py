@@ -574,7 +574,39 @@ def prepare_base(a: argparse.Namespace, work: Path) -> tuple[str, dict]:
     return str(base), manifest
 
 
-def main() -> None:
+def smoke_sizes(a: argparse.Namespace) -> None:
+    """--smoke: a few steps and tokens (a pipeline check)."""
+    if a.smoke:
+        a.steps, a.batch, a.seq_len, a.eval_tokens, a.eval_seq_len = 4, 2, 64, 1024, 256
+        a.calib_samples, a.calib_seq_len, a.distill_steps = 4, 64, 2
+
+
+def shared_settings(a: argparse.Namespace, base: str, work: Path, manifest: dict) -> dict:
+    """What every worker gets: paths, training, evaluation and calibration settings."""
+    return {
+        "base": base,
+        "work": str(work),
+        "tokens": str(Path(a.carry1) / "tokens"),
+        "calib": str(Path(a.carry1) / "calib"),
+        "device": a.device,
+        "finetunes_from": a.finetunes_from,
+        "general": manifest["general"],
+        "steps": a.steps,
+        "lr": a.lr,
+        "batch": a.batch,
+        "seq_len": a.seq_len,
+        "eval_tokens": a.eval_tokens,
+        "eval_seq_len": a.eval_seq_len,
+        "calib_samples": a.calib_samples,
+        "calib_seq_len": a.calib_seq_len,
+        "distill_steps": a.distill_steps,
+        "threads": a.threads,
+        "seed": a.seed,
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (vocab_rows.py takes the same)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--work", default="/tmp/deltahub-quality")
@@ -619,7 +651,11 @@ def main() -> None:
         "replaced by the new row, the rest kept, into OUT/merged/ under FILE's names (FILE itself "
         "is only read); with --render, merge that results file instead of running",
     )
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = parser().parse_args()
     if a.merge_into and not Path(a.merge_into).is_file():
         raise SystemExit(f"--merge-into: {a.merge_into} is not a file")
     if a.render:
@@ -632,9 +668,7 @@ def main() -> None:
         (out / "quality_table.md").write_text(markdown(result))
         plot(result, out / "quality.png")
         return
-    if a.smoke:
-        a.steps, a.batch, a.seq_len, a.eval_tokens, a.eval_seq_len = 4, 2, 64, 1024, 256
-        a.calib_samples, a.calib_seq_len, a.distill_steps = 4, 64, 2
+    smoke_sizes(a)
     t_start = time.time()
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -653,26 +687,7 @@ def main() -> None:
     device_name = (
         torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({platform.machine()})"
     )
-    shared = {
-        "base": base,
-        "work": str(work),
-        "tokens": str(Path(a.carry1) / "tokens"),
-        "calib": str(Path(a.carry1) / "calib"),
-        "device": a.device,
-        "finetunes_from": a.finetunes_from,
-        "general": manifest["general"],
-        "steps": a.steps,
-        "lr": a.lr,
-        "batch": a.batch,
-        "seq_len": a.seq_len,
-        "eval_tokens": a.eval_tokens,
-        "eval_seq_len": a.eval_seq_len,
-        "calib_samples": a.calib_samples,
-        "calib_seq_len": a.calib_seq_len,
-        "distill_steps": a.distill_steps,
-        "threads": a.threads,
-        "seed": a.seed,
-    }
+    shared = shared_settings(a, base, work, manifest)
     result = {
         "device": device_name,
         "date": time.strftime("%Y-%m-%d"),

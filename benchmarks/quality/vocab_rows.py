@@ -21,7 +21,6 @@ Writes vocab_rows.json into --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -129,43 +128,17 @@ def _device_name(device: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="out")
-    ap.add_argument("--work", default="/tmp/deltahub-vocab-rows")
-    ap.add_argument("--carry1", default=str(rq.DATA / "carry1"))
-    ap.add_argument("--carry2", default=str(rq.DATA / "carry2"))
-    ap.add_argument("--base-folder", default=None)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--domains", default=None)
-    ap.add_argument("--smoke", action="store_true", help="tiny random base, a few steps (pipeline check)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = rq.parser()  # the benchmark's flags and training / evaluation defaults (--settings unused)
+    ap.description = __doc__.split("\n")[0]
+    ap.set_defaults(work="/tmp/deltahub-vocab-rows")
     a = ap.parse_args()
+    rq.smoke_sizes(a)
     t0 = time.time()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     base, manifest = rq.prepare_base(a, work)
     domains = a.domains.split(",") if a.domains else manifest["domains"]
-    smoke = a.smoke
-    shared = {
-        "base": base,
-        "work": str(work),
-        "tokens": str(Path(a.carry1) / "tokens"),
-        "calib": str(Path(a.carry1) / "calib"),
-        "device": a.device,
-        "finetunes_from": None,
-        "general": manifest["general"],
-        "steps": 4 if smoke else 150,
-        "lr": 6e-5,
-        "batch": 2 if smoke else 16,
-        "seq_len": 64 if smoke else 512,
-        "eval_tokens": 1024 if smoke else 65536,
-        "eval_seq_len": 256 if smoke else 512,
-        "calib_samples": 4 if smoke else 128,
-        "calib_seq_len": 64 if smoke else 512,
-        "distill_steps": 0,
-        "threads": a.threads,
-        "seed": 0,
-    }
+    shared = rq.shared_settings(a, base, work, manifest)
     result = {
         "command": "python benchmarks/quality/vocab_rows.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),

@@ -483,7 +483,7 @@ class DeltaRMSNorm(DeltaModule):
         """x [T, H], slot_idx [T] -> [T, H]. One kernel on CUDA (``kernels.rms_norm``), which with a
         ``share`` also writes the permuted copy the next projections read and offers it there."""
         d = self._pools["weight"].d  # type: ignore[union-attr]
-        permute = share is not None and x.is_cuda and x.element_size() == 2  # what sbmm_device reads
+        permute = share is not None and share.wants_permuted(x)
         y, yp = _kernels().rms_norm(
             x, self.weight, self.eps, delta=d, slot=None if d is None else slot_idx, permute=permute
         )

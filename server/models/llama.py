@@ -115,8 +115,7 @@ class MLP(nn.Module):
         self, x: torch.Tensor, slot_idx: torch.Tensor, share: SlotShare | None = None
     ) -> torch.Tensor:
         g, u = self.gate_proj(x, slot_idx, share), self.up_proj(x, slot_idx, share)
-        permute = share is not None and g.is_cuda and g.element_size() == 2  # what sbmm_device reads
-        h, hp = kernels.act_mul(g, u, self.act, permute=permute)
+        h, hp = kernels.act_mul(g, u, self.act, permute=share is not None and share.wants_permuted(g))
         if share is not None and hp is not None:
             share.offer(h, h.shape[1], hp)
         return self.down_proj(h, slot_idx, share)

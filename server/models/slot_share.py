@@ -62,6 +62,12 @@ class SlotShare:
             self._maps[key] = hit
         return hit
 
+    @staticmethod
+    def wants_permuted(x: torch.Tensor) -> bool:
+        """Whether x's producer should write ``permute_x(x)`` too: what the slot-layout SBMM reads
+        (CUDA, 16-bit activations)."""
+        return x.is_cuda and x.element_size() == 2
+
     def offer(self, x: torch.Tensor, k: int, xp: torch.Tensor) -> None:
         """Take ``xp`` = ``kernels.permute_x(x, k)``, made by x's producer, for the calls that read x."""
         self._perm = (x, k, xp)
