@@ -20,9 +20,11 @@ given that copy, made outside the timed graph, and ``time_with_permute_us`` the 
 first (``sbmm24.permute_x``, one more launch; tuned on its own key). Decode rows (B <= 64) of the
 slot-layout kernel also time the permute alone and a call with no token on a delta
 (``permute_us``, ``empty_call_us``; ``launch_floor_us`` at the top: one launch of the cheapest
-kernel). Baselines: (a) dense bf16 deltas applied by a per-delta
-loop (gather tokens, matmul, index_add), (b) our kernel launched once per delta. Each
-(shape, layout) is checked against the float32 reference at B = N = 32 before it is timed.
+kernel) and a plain copy of the case's bytes timed the same way (``copy_at_size_us``: the copy
+ceiling at this size; ``pct_copy_at_size`` = that time / the case's). Baselines: (a) dense bf16
+deltas applied by a per-delta loop (gather tokens, matmul, index_add), (b) our kernel launched
+once per delta. Each (shape, layout) is checked against the float32 reference at B = N = 32
+before it is timed.
 """
 
 from __future__ import annotations
@@ -127,6 +129,16 @@ def launch_floor_us() -> float:
     graph: what any one launch costs on this GPU, the floor of a call's fixed cost."""
     one = torch.zeros(1, device=DEV)
     return round(graph_time_us([lambda: one.add_(1)] * 8), 2)
+
+
+def copy_at_size_us(nbytes: int) -> float:
+    """Time per call of a plain device copy that moves ``nbytes`` (half read, half written), each
+    call on other buffers, replayed like the cases: what the copy ceiling gives at this size, launch
+    and ramp included (the case's ``pct_copy_at_size`` compares its time with it)."""
+    half = max(1, nbytes // 8) * 4  # bytes per side, whole float32 words
+    buf = torch.empty(2 * ROT, half // 4, device=DEV)
+    calls = [lambda i=i: buf[2 * i + 1].copy_(buf[2 * i]) for i in range(ROT)]
+    return graph_time_us(calls)
 
 
 def check_configs(st, layout, k, n, run):
@@ -352,6 +364,8 @@ def _sbmm_case(kern, layout, k, n, b, nd, args, dense_pool, delta_bytes):
         )
     if slot_layout and b <= 64:
         row.update(_fixed_costs(run, x, out, k, cfg, given["x_perm"]))
+        row["copy_at_size_us"] = round(copy_at_size_us(nbytes), 2)
+        row["pct_copy_at_size"] = round(100 * row["copy_at_size_us"] / t_ours, 1)
     if args.sweep and b <= 64 and (nd >= 16 or b == 1):  # every decode config, timed like the pick
         mod = sbmm24 if L.supported(layout) else generic
         pairs = list(zip(rots, plans, strict=True))

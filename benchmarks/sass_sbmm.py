@@ -3,7 +3,7 @@
 Usage: python benchmarks/sass_sbmm.py "4,1,3,16,128,1024,8,2" "4,1,0,16,64,128,4,4" ...
        (bits, sparse 0/1, mode, block_m, block_n, block_k, num_warps, num_stages: kernels/sbmm.py)
        python benchmarks/sass_sbmm.py "slot:4,16,4,2" ...
-       (bits, block_m, num_warps, depth[, fp16 0/1[, stream 0/1[, stages[, xdirect 0/1]]]]:
+       (bits, block_m, num_warps, depth[, fp16 0/1[, stream 0/1[, stages[, xdirect 0/1[, mixed 0/1]]]]]:
        kernels/sbmm24.py; stages > 0: the shared-memory ring, whose loop is one step)
 
 Compiles ``_sbmm_kernel`` with triton's own ptxas for an H100/H200 target, disassembles it with the
@@ -72,12 +72,14 @@ def compile_config(bits, sparse, mode, bm, bn, bk, warps, stages):
     )
 
 
-def compile_slot_config(bits, bm, warps, depth=2, f16=False, stream=False, stages=0, xdirect=False):
+def compile_slot_config(
+    bits, bm, warps, depth=2, f16=False, stream=False, stages=0, xdirect=False, mixed=False
+):
     """kernels/sbmm24.py (mma.sp on the slot layout), per-row scales; one task per program or the
     stream-K grid."""
     const = dict(
         BITS=bits, GROUP=0, S_P2=64, BLOCK_M=bm, WARPS=warps, F16=bool(f16), SPLIT=1, DEPTH=depth,
-        STAGES=stages, STREAM=bool(stream), PAIRS=True, XDIRECT=bool(xdirect), s_on=1,
+        STAGES=stages, STREAM=bool(stream), PAIRS=True, XDIRECT=bool(xdirect), MIXED=bool(mixed), s_on=1,
     )  # fmt: skip
     xt = "*fp16" if f16 else "*bf16"
     ptrs = {"x_ptr": "*i32", "dw_ptr": "*i32", "sc_ptr": "*fp32", "out_ptr": xt}
@@ -132,7 +134,7 @@ def loop_instructions(cubin: bytes) -> list[str]:
 def main(argv: list[str]) -> int:
     for spec in argv or ["slot:4,16,4,2", "slot:2,16,4,2", "4,1,0,16,64,128,4,4"]:
         if spec.startswith("slot:"):
-            vals = ([int(v) for v in spec[5:].split(",")] + [0] * 4)[:8]
+            vals = ([int(v) for v in spec[5:].split(",")] + [0] * 5)[:9]
             k = compile_slot_config(*vals)
             bits, bm, warps, depth, _, _, stages = vals[:7]
             body = loop_instructions(k.asm["cubin"])

@@ -572,6 +572,7 @@ def _sbmm24_kernel(
     STREAM: tl.constexpr,
     PAIRS: tl.constexpr,
     XDIRECT: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     """x_ptr: ``permute_x(x)`` as int32 (bf16 pairs; x itself viewed as int32 if XDIRECT), dw_ptr:
     the slot layout as int32. One step = 64 inputs = 2 sparse mma k-steps per tile and token block
@@ -580,7 +581,10 @@ def _sbmm24_kernel(
     - STREAM: (programs,), each runs an equal share of all tasks' steps (stream-K), in order;
       pieces of a task add atomically.
     - else (row groups x SPLIT, work items): one task per program, split-K over SPLIT programs
-      (atomic adds if SPLIT > 1)."""
+      (atomic adds if SPLIT > 1). The wrapper sizes the grid's rows for the items the batch may
+      have (``max_items``).
+    MIXED (BLOCK_M 16): work items of up to 16 tokens; those with at most 8 run the one-block code
+    (a slot's 9-16 tokens make one item, its weights read once, and the others pay nothing)."""
     NG = tl.cdiv(NB, WARPS)
     args = (N, NB, n_steps, n_groups, s_xt, s_ds, s_ss, s_sn, s_ot, s_on)
     if STREAM:
@@ -589,10 +593,10 @@ def _sbmm24_kernel(
         while cur < hi:
             w, rg, u_lo, u_hi, piece = _stream_task(cur, hi, n_steps, NG)
             s, start, seg_hi, _ = _segment_at(seg_ptr, S, S_P2, BLOCK_M, w)
-            _task(
+            _task_of(
                 x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, piece, *args,
                 BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
-                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT,
+                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT, MIXED=MIXED,
             )  # fmt: skip
             cur += u_hi - u_lo
     else:
@@ -602,11 +606,30 @@ def _sbmm24_kernel(
             u_lo = (tl.program_id(0) % SPLIT) * per
             u_hi = tl.minimum(u_lo + per, n_steps)
             rg = tl.program_id(0) // SPLIT
-            _task(
+            _task_of(
                 x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, SPLIT > 1, *args,
                 BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
-                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT,
+                STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT, MIXED=MIXED,
             )  # fmt: skip
+
+
+@triton.jit
+def _task_of(
+    x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, atomic, N, NB, n_steps,
+    n_groups, s_xt, s_ds, s_ss, s_sn, s_ot, s_on, BITS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, WARPS: tl.constexpr, F16: tl.constexpr, DEPTH: tl.constexpr,
+    STAGES: tl.constexpr, PAIRS: tl.constexpr, XDIRECT: tl.constexpr, MIXED: tl.constexpr,
+):
+    """``_task`` with BLOCK_M token rows, or (MIXED) with 8 where the item has at most 8 tokens."""
+    tl.static_assert(not MIXED or BLOCK_M == 16, "mixed work items need BLOCK_M 16")
+    a = (x_ptr, dw_ptr, sc_ptr, out_ptr, order_ptr, s, start, seg_hi, rg, u_lo, u_hi, atomic, N, NB)
+    b = (n_steps, n_groups, s_xt, s_ds, s_ss, s_sn, s_ot, s_on)
+    if MIXED and seg_hi - start <= 8:
+        _task(*a, *b, BITS=BITS, GROUP=GROUP, BLOCK_M=8, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
+              STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT)  # fmt: skip
+    else:
+        _task(*a, *b, BITS=BITS, GROUP=GROUP, BLOCK_M=BLOCK_M, WARPS=WARPS, F16=F16, DEPTH=DEPTH,
+              STAGES=STAGES, PAIRS=PAIRS, XDIRECT=XDIRECT)  # fmt: skip
 
 
 @triton.jit
@@ -757,7 +780,9 @@ class Config(NamedTuple):
     ``stages``: > 0 replaces the register pipeline by a ring of that many steps in shared memory
     (Triton's pipeliner: cp.async; ~55 registers instead of 90-106). ``xdirect``: read x's B
     fragments from x itself (4 four-byte loads) instead of a permuted copy made per call (one
-    kernel less; K a multiple of 64)."""
+    kernel less; K a multiple of 64). ``mixed`` (block_m 16): an item of at most 8 tokens runs the
+    one-block code, so a slot's 9-16 tokens are one item without costing the small ones a second
+    mma per tile."""
 
     block_m: int
     num_warps: int = 4
@@ -767,6 +792,7 @@ class Config(NamedTuple):
     maxnreg: int | None = None
     stages: int = 0
     xdirect: bool = False
+    mixed: bool = False
 
 
 # Candidates for Hopper (benchmarks/NOTES-sbmm.md, v6: the H200 sweep of every config on the 30
@@ -814,7 +840,12 @@ PREFILL_CONFIGS = [Config(16, 4, depth=3), Config(16, 8), Config(16, 4)]
 # Not picked by the tuner until measured: the benchmark checks them against the reference and
 # times them in its sweep, the GPU tests run them (none now: session 7 measured the last ones,
 # the zero-point mma, and removed it; NOTES-sbmm.md v8).
-TRIAL_CONFIGS: list[Config] = []
+TRIAL_CONFIGS: list[Config] = [
+    Config(16, 4, 4, stages=3, mixed=True),
+    Config(16, 4, 2, depth=3, mixed=True),
+    Config(16, 2, 2, stages=4, mixed=True),
+    Config(16, 4, stream=3, stages=6, mixed=True),
+]
 INTERPRET_BLOCK = (16, 32)  # (tokens, rows) per program of the interpreter kernel
 TUNER = Tuner(graph=True)
 
@@ -970,7 +1001,7 @@ def sbmm_device(
             dw32.stride(0), scales.stride(0), scales.stride(1), o.stride(0), o.stride(1),
             BITS=bits, GROUP=group_size or 0, S_P2=max(64, next_pow2(n_slots)), BLOCK_M=c.block_m,
             WARPS=c.num_warps, F16=f16, SPLIT=c.split, DEPTH=c.depth,
-            STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, XDIRECT=direct,
+            STAGES=c.stages, STREAM=c.stream > 0, PAIRS=pairs, XDIRECT=direct, MIXED=c.mixed,
             num_warps=c.num_warps,
             num_stages=max(1, c.stages), maxnreg=c.maxnreg,
         )  # fmt: skip
