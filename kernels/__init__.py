@@ -72,7 +72,8 @@ def sbmm_device(
     """Semantics: as ``sbmm``, on deltas in the GPU slot layout (``kernels/layout.py``: 2:4, 2/4-bit).
 
     Shape: x [T, k] fp16/bf16; dw [S, N, W] int16; scales [S, N, G] fp32; slot [T]; out [T, N].
-    ``active``: number of live slots (autotuning hint); ``x_perm``: ``permute_x(x, k)`` if the
+    ``active``: at most how many distinct slots the tokens use (sizes the grid; see
+    ``sbmm24.sbmm_device``); ``x_perm``: ``permute_x(x, k)`` if the
     caller has it. Returns out.
     """
     if _use_triton(x):

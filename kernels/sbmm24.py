@@ -806,7 +806,9 @@ class Config(NamedTuple):
 # slots hold many tokens. ``xdirect`` configs (x read as it is, no permute kernel; session 6's
 # sweep, after the permute became one Triton launch): they win small calls (B = 1 on 4096^2:
 # 7.3-7.6 us against 8.1-8.5; 4-bit 4096^2 N = 16 by 0.6-2.5 us) and lose the rest by 2-36 %
-# (four 4-byte loads per fragment), so the tuner picks per case.
+# (four 4-byte loads per fragment), so the tuner picks per case. ``mixed`` configs (session 9's
+# quick sweep): split 2 depth 3 and split 2 ring 4 won 6 of the 12 N = 16 cases by up to 17 %
+# (B = 32 as well, where no item needs the second token block) and lost 2-10 % at N >= 32.
 DECODE_CONFIGS = [
     Config(8, 4, depth=3),
     Config(8, 4, depth=4),
@@ -822,6 +824,8 @@ DECODE_CONFIGS = [
     Config(8, 4, 4, stages=3),
     Config(8, 4, 2, depth=3, xdirect=True),
     Config(8, 4, depth=4, xdirect=True),
+    Config(16, 4, 2, depth=3, mixed=True),
+    Config(16, 2, 2, stages=4, mixed=True),
 ]
 STREAM_CONFIGS = [
     Config(8, 4, depth=3, stream=5, maxnreg=96),
@@ -842,9 +846,8 @@ PREFILL_CONFIGS = [Config(16, 4, depth=3), Config(16, 8), Config(16, 4)]
 # the zero-point mma, and removed it; NOTES-sbmm.md v8).
 TRIAL_CONFIGS: list[Config] = [
     Config(16, 4, 4, stages=3, mixed=True),
-    Config(16, 4, 2, depth=3, mixed=True),
-    Config(16, 2, 2, stages=4, mixed=True),
     Config(16, 4, stream=3, stages=6, mixed=True),
+    Config(16, 4, depth=3, mixed=True),
 ]
 INTERPRET_BLOCK = (16, 32)  # (tokens, rows) per program of the interpreter kernel
 TUNER = Tuner(graph=True)
@@ -910,6 +913,12 @@ def touched(n_slots: int, t: int, active: int | None = None) -> int:
     return min(active or n_slots, t)
 
 
+def max_items(n_slots: int, t: int, block_m: int, active: int | None = None) -> int:
+    """An upper bound on the work items (a slot's tokens in blocks of block_m) of t tokens over at
+    most ``touched`` slots, each of whose last block may be partial: the grid's rows."""
+    return (t + touched(n_slots, t, active) * (block_m - 1)) // block_m
+
+
 def sbmm_device(
     x: torch.Tensor,
     dw: torch.Tensor,
@@ -929,7 +938,9 @@ def sbmm_device(
 
     Shape: x [T, k] fp16/bf16; dw [S, N, W] int16 (``layout.to_device_layout`` of 2:4 2/4-bit
     parts); scales [S, N, G] fp32; slot [T] int32; out [T, N] in x's dtype (zeros if None).
-    ``active``: how many slots are live (autotuning hint only). ``x_perm``: ``permute_x(x, k)``
+    ``active``: at most how many distinct slots the tokens use (the engine knows it on the host):
+    it sizes the grid (``max_items``) and the autotuning key, and tokens of more slots than that
+    may get no delta; None: S. ``x_perm``: ``permute_x(x, k)``
     int32 [T, steps * 32] where the caller already has it (layers that read one input share it);
     configs that read x itself ignore it.
     """
@@ -960,6 +971,8 @@ def sbmm_device(
     elif tuple(out.shape) != (t, n) or out.dtype != x.dtype:
         raise ShapeMismatchError(f"out must be {x.dtype} [{t}, {n}], got {out.dtype} {tuple(out.shape)}")
     check_device(x, dw, scales, slot, out, *([] if x_perm is None else [x_perm]))
+    if active is not None and not 1 <= active <= n_slots:
+        raise ShapeMismatchError(f"active must be in 1..{n_slots} (the slots a batch may use), got {active}")
     if t == 0 or n_slots == 0:
         return out
     dw = dw.contiguous()
@@ -971,7 +984,7 @@ def sbmm_device(
         bm, bn = INTERPRET_BLOCK
         dw32 = dw.view(torch.int32)
         stream = config.stream if config is not None else 0
-        grid = (stream,) if stream else (triton.cdiv(n, bn), min(n_slots, t) + triton.cdiv(t, bm))
+        grid = (stream,) if stream else (triton.cdiv(n, bn), max_items(n_slots, t, bm, active))
         _sbmm24_interp_kernel[grid](
             x, dw32, scales, out, p.order, p.seg, n, k, n_slots, steps, scales.shape[2], x.stride(0),
             dw32.stride(0), scales.stride(0), scales.stride(1), out.stride(0), out.stride(1),
@@ -995,7 +1008,7 @@ def sbmm_device(
         if c.stream:
             grid = (c.stream * n_sms(x.device),)
         else:
-            grid = (triton.cdiv(nb, c.num_warps) * c.split, min(n_slots, t) + triton.cdiv(t, c.block_m))
+            grid = (triton.cdiv(nb, c.num_warps) * c.split, max_items(n_slots, t, c.block_m, active))
         _sbmm24_kernel[grid](
             xk, dw32, scales, o, p.order, p.seg, n, n_slots, nb, steps, scales.shape[2], xk.numel() // t,
             dw32.stride(0), scales.stride(0), scales.stride(1), o.stride(0), o.stride(1),

@@ -12,6 +12,7 @@ from deltahub.kernels.sbmm24 import (
     Config,
     _red_pairs_asm,
     decode_plan,
+    max_items,
     permute_x,
     permute_x_torch,
     sbmm_device,
@@ -111,7 +112,19 @@ def test_layout_rejects_unsupported():
 
 
 def _run(
-    bits, spread, dtype, *, t=13, s=4, n=70, k=300, group_size=None, seed=0, config=None, own_plan=False
+    bits,
+    spread,
+    dtype,
+    *,
+    t=13,
+    s=4,
+    n=70,
+    k=300,
+    group_size=None,
+    seed=0,
+    config=None,
+    own_plan=False,
+    active=None,
 ):
     gen = torch.Generator().manual_seed(seed)
     lay = QuantLayout(bits, "2:4", group_size)
@@ -133,6 +146,7 @@ def _run(
         out=out,
         config=config,
         plan_=plan(slot, s) if own_plan else None,
+        active=len(set(slot[slot >= 0].tolist())) or None if active == "exact" else active,
     )
     assert_added(init, out, y, slot, TOL[dtype])
 
@@ -141,6 +155,20 @@ def _run(
 def test_sbmm_device_spreads(bits, spread):
     dtype = torch.bfloat16 if (bits // 2 + SPREADS.index(spread)) % 2 else torch.float16
     _run(bits, spread, dtype, seed=bits * 7 + SPREADS.index(spread))
+
+
+@pytest.mark.parametrize("spread", SPREADS)
+def test_sbmm_device_grid_sized_by_active_slots(spread):
+    """Given how many slots the tokens use (as the engine knows it), the grid has rows for the
+    work items that many slots can make and no more (``max_items``): every token still gets its
+    delta, whatever the spread, a slot's tokens spanning several blocks included."""
+    _run(4, spread, torch.bfloat16, t=41, s=9, seed=3 + SPREADS.index(spread), active="exact")
+    # the bound is tight: one slot with all but a - 1 tokens, a - 1 slots with one each
+    for a, t, bm in [(1, 1, 8), (16, 32, 8), (16, 64, 16), (3, 5, 8), (64, 64, 8)]:
+        worst = -(-(t - a + 1) // bm) + a - 1
+        assert max_items(64, t, bm, a) == worst, (a, t, bm)
+    with pytest.raises(ShapeMismatchError, match="active"):
+        _run(4, "zipf", torch.bfloat16, active=5)  # 4 slots
 
 
 @pytest.mark.parametrize(("bits", "group_size", "k"), [(4, 64, 300), (2, 128, 512), (4, 256, 700)])
