@@ -375,7 +375,10 @@ def _sbmm_case(kern, layout, k, n, b, nd, args, dense_pool, delta_bytes):
         row["config_sweep_us"] = {
             str(list(c)): round(
                 graph_time_us(
-                    [lambda s=s, p=p, c=c: run(x, s, out, plan_=p, config=c, **given) for s, p in pairs]
+                    [
+                        lambda s=s, p=p, c=c: run(x, s, out, plan_=p, config=c, active=nd, **given)
+                        for s, p in pairs
+                    ]
                 ),
                 2,
             )
@@ -569,7 +572,7 @@ def one_case(spec: str) -> None:
     slot = zipf_slots(b, nd).to(DEV)
     p = plan(slot, POOL)
     for _ in range(5):
-        run(x, slot, out, plan_=p, config=cfg)
+        run(x, slot, out, plan_=p, config=cfg, active=nd)
     torch.cuda.synchronize()
     print(f"one case {spec}: {cfg}")
 
