@@ -807,8 +807,9 @@ class Config(NamedTuple):
 # sweep, after the permute became one Triton launch): they win small calls (B = 1 on 4096^2:
 # 7.3-7.6 us against 8.1-8.5; 4-bit 4096^2 N = 16 by 0.6-2.5 us) and lose the rest by 2-36 %
 # (four 4-byte loads per fragment), so the tuner picks per case. ``mixed`` configs (session 9's
-# quick sweep): split 2 depth 3 and split 2 ring 4 won 6 of the 12 N = 16 cases by up to 17 %
-# (B = 32 as well, where no item needs the second token block) and lost 2-10 % at N >= 32.
+# quick sweep): split 2 depth 3 and split 2 ring 4 won 5 of the 12 N = 16 cases, by 2-6 % over
+# the best other config and up to 20 % over their plain twins (B = 32 as well, where no item
+# takes the second token block), and lost 2-10 % at N >= 32.
 DECODE_CONFIGS = [
     Config(8, 4, depth=3),
     Config(8, 4, depth=4),
