@@ -97,6 +97,12 @@ def _sampling(page, *, temperature: str, max_tokens: str) -> None:
         box = page.locator(f"{sel} input[type=number]")
         box.fill(value)
         box.press("Enter")
+        # the slider's state holds the value once its range input shows it (what a send reads):
+        # under load a click could otherwise go out with the old temperature and sample
+        page.wait_for_function(
+            "([s, v]) => Number(document.querySelector(s).value) === Number(v)",
+            arg=[f"{sel} input[type=range]", value],
+        )
 
 
 def _pick(page, dropdown: str, name: str) -> None:
