@@ -2,7 +2,8 @@
 
 Public ops (see each one's ``Semantics:``): ``sbmm`` (compressed qlinear deltas), ``sbmm_device``
 (the same on 2:4 2/4-bit deltas repacked into the GPU slot layout, kernels/layout.py), ``sgmv`` (LoRA),
-``embedding_delta`` (rows of a compressed embedding delta), ``plan`` (group a batch by slot
+``embedding_delta`` (rows of a compressed embedding delta), ``paged_decode_attention`` (decode
+tokens over the paged KV cache), ``plan`` (group a batch by slot
 once, reuse it for every layer of a step) and ``permute_x`` (the copy of an input that
 ``sbmm_device`` reads, shared by the layers that read it), ``rms_norm`` and ``act_mul`` (a
 layer's projection inputs, with that copy written in the same launch); for the compressor, ``obs_block``
@@ -22,6 +23,7 @@ __all__ = [
     "act_mul",
     "embedding_delta",
     "obs_block",
+    "paged_decode_attention",
     "permute_x",
     "plan",
     "rms_norm",
@@ -144,6 +146,20 @@ def embedding_delta(ids, qweight, scales, slot, *, bits, sparse, group_size, k, 
         fn = reference.embedding_delta
     return fn(ids, qweight, scales, slot, bits=bits, sparse=sparse, group_size=group_size, k=k, meta=meta,
               qweight_hi=qweight_hi)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window=None):
+    """Semantics: out[d, h] = softmax(scale q[d, h] · K_dᵀ) V_d over sequence d's cached positions
+    p < context_lens[d] (p >= context_lens[d] - window with a window), read through block_tables.
+
+    Shape: q [D, H, Dh]; caches [blocks, block_size, Hkv, Dh]; block_tables [D, max_blocks];
+    context_lens [D] -> [D, H, Dh]. The Triton kernel on CUDA fp16/bf16, else the reference.
+    """
+    if _use_triton(q) and q.dtype in (torch.float16, torch.bfloat16):
+        from .attention import paged_decode_attention as fn
+    else:
+        fn = reference.paged_decode_attention
+    return fn(q, k_cache, v_cache, block_tables, context_lens, scale, window)
 
 
 # kernels/sbmm.py and kernels/sgmv.py carry these ops' names: importing one rebinds the package

@@ -222,6 +222,36 @@ def act_mul(
     return h, _permuted(h, permute)
 
 
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Semantics of ``attention.paged_decode_attention``, in float32: each decode token's heads
+    over its sequence's cached positions p < context_lens[d] (and p >= context_lens[d] - window),
+    rows block_tables[d, p // block_size] of the caches, kv head h // (H / Hkv).
+    Shape: q [D, H, Dh]; caches [blocks, block_size, Hkv, Dh]; block_tables [D, max_blocks] int;
+    context_lens [D] -> [D, H, Dh] in q's dtype."""
+    nd, h, dh = q.shape
+    hkv = k_cache.shape[2]
+    g = h // hkv
+    k = k_cache[block_tables.long()].reshape(nd, -1, hkv, dh).float()  # [D, L, Hkv, Dh]
+    v = v_cache[block_tables.long()].reshape(nd, -1, hkv, dh).float()
+    qf = q.float().view(nd, hkv, g, dh)
+    scores = torch.einsum("bkgd,blkd->bkgl", qf, k) * scale
+    pos = torch.arange(k.shape[1], device=q.device)
+    mask = pos.unsqueeze(0) >= context_lens.unsqueeze(1)  # [D, L]
+    if window is not None:
+        mask |= pos.unsqueeze(0) <= context_lens.unsqueeze(1) - 1 - window
+    scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgl,blkd->bkgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(nd, h, dh).to(q.dtype)
+
+
 def _permuted(y: torch.Tensor, permute: bool) -> torch.Tensor | None:
     from .layout import permute_x_torch
 

@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache: a torch implementation (CPU, and GPU until a fused kernel).
+"""Attention over the paged KV cache: decodes through ``kernels.paged_decode_attention`` (one Triton
+launch on CUDA fp16/bf16, the float32 reference elsewhere), prefills through torch's SDPA.
 
 Batch layout (see BatchContext): the first ``num_decodes`` tokens are decodes (one per sequence,
 attending to their sequence's cached context); the rest are whole prefills, each attending
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from deltahub.server.models.slot_share import SlotShare
+
+from deltahub import kernels
 
 
 @dataclass
@@ -43,32 +46,6 @@ def write_kv(
     hkv, d = k.shape[1], k.shape[2]
     k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v)
-
-
-def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    window: int | None = None,
-) -> torch.Tensor:
-    """q [D, H, Dh] (one token per sequence, the newest) -> [D, H, Dh], over the cached context."""
-    nd, h, dh = q.shape
-    hkv = k_cache.shape[2]
-    g = h // hkv
-    k = k_cache[block_tables.long()].reshape(nd, -1, hkv, dh).float()  # [D, L, Hkv, Dh]
-    v = v_cache[block_tables.long()].reshape(nd, -1, hkv, dh).float()
-    qf = q.float().view(nd, hkv, g, dh)
-    scores = torch.einsum("bkgd,blkd->bkgl", qf, k) * scale
-    pos = torch.arange(k.shape[1], device=q.device)
-    mask = pos.unsqueeze(0) >= context_lens.unsqueeze(1)  # [D, L]
-    if window is not None:
-        mask |= pos.unsqueeze(0) <= context_lens.unsqueeze(1) - 1 - window
-    scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
-    out = torch.einsum("bkgl,blkd->bkgd", torch.softmax(scores, dim=-1), v)
-    return out.reshape(nd, h, dh).to(q.dtype)
 
 
 def prefill_attention(
@@ -103,7 +80,9 @@ def paged_attention(
     if nd:
         assert ctx.block_tables is not None and ctx.context_lens is not None
         parts.append(
-            decode_attention(q[:nd], k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, window)
+            kernels.paged_decode_attention(
+                q[:nd], k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, window
+            )
         )
     for s, e in ctx.prefill_spans:
         parts.append(prefill_attention(q[s:e], k[s:e], v[s:e], scale, window))
