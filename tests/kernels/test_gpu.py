@@ -246,7 +246,7 @@ def test_gpu_norm_act_write_the_permuted_copy(dtype):
 def test_gpu_paged_decode_attention(dtype):
     """The compiled decode attention vs the float32 reference on serving shapes: Llama-2-7B's 32
     heads of 128 (no GQA), GQA 4 with 128, SmolLM2's 9 heads over 3 of 64; contexts of 1 to
-    2,000 tokens in shuffled blocks of 16; a sliding window."""
+    2,000 tokens in shuffled blocks of 16; a sliding window; with and without split contexts."""
     from deltahub.kernels.attention import paged_decode_attention
 
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -267,7 +267,8 @@ def test_gpu_paged_decode_attention(dtype):
         kc = torch.randn(n_blocks, bs, hkv, dh, device="cuda", generator=gen).to(dtype)
         vc = torch.randn(n_blocks, bs, hkv, dh, device="cuda", generator=gen).to(dtype)
         cl = torch.tensor(lens, device="cuda")
-        got = paged_decode_attention(q, kc, vc, tables, cl, dh**-0.5, window)
         want = reference.paged_decode_attention(q, kc, vc, tables, cl, dh**-0.5, window)
-        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-        assert err < (2e-2 if dtype == torch.bfloat16 else 4e-3), (h, hkv, dh, lens, window, err)
+        for splits in (None, 1, 7):  # the shapes' choice, one program per pair, flash-decoding
+            got = paged_decode_attention(q, kc, vc, tables, cl, dh**-0.5, window, splits=splits)
+            err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+            assert err < (2e-2 if dtype == torch.bfloat16 else 4e-3), (h, hkv, dh, lens, window, splits, err)
