@@ -193,6 +193,7 @@ def paged_decode_attention(
     if window is not None and window < 1:
         raise ShapeMismatchError(f"window must be >= 1 position, got {window}")
     q = q if q.stride(2) == 1 else q.contiguous()
+    block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if nd == 0:
         return out
@@ -200,6 +201,7 @@ def paged_decode_attention(
     if splits is None:
         splits = auto_splits(nd, hkv, dh, block_tables.shape[1] * bs, window, q.device)
     splits = max(1, int(splits))
+    # the splits' parts (acc, max, sum per head); unused without a split (out stands in)
     ws = torch.empty(nd, h, splits, dh + 2, dtype=torch.float32, device=q.device) if splits > 1 else out
     dh_p = max(16, next_pow2(dh))
     _paged_decode_kernel[(nd, hkv, splits)](
