@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from deltahub.kernels import reference
 from deltahub.kernels.attention import auto_splits, paged_decode_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sbmm import ceilings, graph_time_us
+from bench_sbmm import ceilings, graph_time_us, versions
 
 SHAPES = {"llama-2-7b": (32, 32, 128), "gqa-8": (32, 8, 128)}  # name: (H, Hkv, Dh)
 BATCHES = [1, 8, 32, 64]
@@ -104,12 +103,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/bench_attention.py " + " ".join(argv or sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(),
-        "versions": {
-            "torch": torch.__version__,
-            "triton": __import__("triton").__version__,
-            "cuda": torch.version.cuda,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
         "copy_gbps": round(copy_gbps, 1),
         "block_size": BLOCK,
         "rows": rows,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ from deltahub.server.models.slot_share import SlotShare
 from deltahub.format import PackedTensor, QuantLayout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sbmm import ceilings, random_stack, zipf_slots
+from bench_sbmm import ceilings, random_stack, versions, zipf_slots
 
 PROJ = {  # name: (in, out), Llama-2-7B
     "q": (4096, 4096),
@@ -210,12 +209,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/bench_engine_layer.py " + " ".join(argv or sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(),
-        "versions": {
-            "torch": torch.__version__,
-            "triton": __import__("triton").__version__,
-            "python": platform.python_version(),
-            "cuda": torch.version.cuda,
-        },
+        "versions": versions(),
         "copy_gbps": round(copy_gbps, 1),
         "bf16_tflops": round(bf16_tflops, 1),
         "slots": SLOTS,

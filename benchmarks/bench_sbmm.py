@@ -124,6 +124,18 @@ def ceilings():
     return copy_gbps, 2 * 8192**3 / us / 1e6
 
 
+def versions() -> dict:
+    """The software a GPU result was measured with."""
+    import triton
+
+    return {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+
+
 def launch_floor_us() -> float:
     """Time per kernel of the cheapest kernel there is (one element added to) replayed in a CUDA
     graph: what any one launch costs on this GPU, the floor of a call's fixed cost."""
@@ -605,18 +617,11 @@ def main(argv=None) -> int:
     if args.no_trial:
         sbmm24.TRIAL_CONFIGS.clear()
     args.checks = {}
-    import triton
-
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if DEV == "cuda" else DEV,
-        "versions": {
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "cuda": torch.version.cuda,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
         "copy_gbps": round(args.copy_gbps, 1),
         "bf16_tflops": round(args.bf16_tflops, 1),
         "launch_floor_us": launch_floor_us(),
