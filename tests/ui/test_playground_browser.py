@@ -93,16 +93,27 @@ def _sampling(page, *, temperature: str, max_tokens: str) -> None:
     acc = page.locator("#sampling")
     if not page.locator("#temperature").is_visible():
         acc.get_by_text("Sampling").first.click()
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     for sel, value in (("#temperature", temperature), ("#max-tokens", max_tokens)):
         box = page.locator(f"{sel} input[type=number]")
-        box.fill(value)
-        box.press("Enter")
-        # the slider's state holds the value once its range input shows it (what a send reads):
-        # under load a click could otherwise go out with the old temperature and sample
-        page.wait_for_function(
-            "([s, v]) => Number(document.querySelector(s).value) === Number(v)",
-            arg=[f"{sel} input[type=range]", value],
-        )
+        # the slider's state holds the value once its range input shows it (what a send reads).
+        # Under load (the whole suite on 2 cores) a fill right after the accordion opened was
+        # sometimes lost, and the send went out with the old temperature: fill until it holds
+        for _ in range(5):
+            box.fill(value)
+            box.press("Enter")
+            try:
+                page.wait_for_function(
+                    "([s, v]) => Number(document.querySelector(s).value) === Number(v)",
+                    arg=[f"{sel} input[type=range]", value],
+                    timeout=4_000,
+                )
+                break
+            except PlaywrightTimeout:
+                continue
+        else:
+            raise AssertionError(f"{sel} did not take the value {value}")
 
 
 def _pick(page, dropdown: str, name: str) -> None:
