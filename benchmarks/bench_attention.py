@@ -16,7 +16,6 @@ that L2 cannot hold together, median of 7 replays. Bytes = the K and V rows the 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -27,7 +26,7 @@ from deltahub.kernels import reference
 from deltahub.kernels.attention import auto_splits, paged_decode_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sbmm import ceilings, graph_time_us, versions
+from bench_sbmm import ceilings, graph_time_us, run_header, save_result
 
 SHAPES = {"llama-2-7b": (32, 32, 128), "gqa-8": (32, 8, 128)}  # name: (H, Hkv, Dh)
 BATCHES = [1, 8, 32, 64]
@@ -100,19 +99,13 @@ def main(argv=None) -> int:
                     print(json.dumps(rows[-1]), flush=True)
                     torch.cuda.empty_cache()
     result = {
-        "command": "python benchmarks/bench_attention.py " + " ".join(argv or sys.argv[1:]),
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(),
-        "versions": versions(),
+        **run_header("bench_attention.py", argv),
         "copy_gbps": round(copy_gbps, 1),
         "block_size": BLOCK,
         "rows": rows,
         "wall_s": round(time.time() - t0, 1),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(rows, out / "attention.png")
+    save_result(args.out, "attention", result, plot)
     return 0
 
 

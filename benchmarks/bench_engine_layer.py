@@ -23,7 +23,6 @@ slots (``used``), as the runner's does. Writes engine_layer.json and engine_laye
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -42,7 +41,7 @@ from deltahub.server.models.slot_share import SlotShare
 from deltahub.format import PackedTensor, QuantLayout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sbmm import ceilings, random_stack, versions, zipf_slots
+from bench_sbmm import ceilings, random_stack, run_header, save_result, zipf_slots
 
 PROJ = {  # name: (in, out), Llama-2-7B
     "q": (4096, 4096),
@@ -206,10 +205,7 @@ def main(argv=None) -> int:
         del layers
         torch.cuda.empty_cache()
     result = {
-        "command": "python benchmarks/bench_engine_layer.py " + " ".join(argv or sys.argv[1:]),
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(),
-        "versions": versions(),
+        **run_header("bench_engine_layer.py", argv),
         "copy_gbps": round(copy_gbps, 1),
         "bf16_tflops": round(bf16_tflops, 1),
         "slots": SLOTS,
@@ -219,10 +215,7 @@ def main(argv=None) -> int:
         "rows": rows,
         "wall_s": round(time.time() - t_start, 1),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine_layer.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(rows, out / "engine_layer.png")
+    save_result(args.out, "engine_layer", result, plot)
     return 0
 
 

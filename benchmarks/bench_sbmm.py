@@ -136,6 +136,24 @@ def versions() -> dict:
     }
 
 
+def run_header(script: str, argv: list[str] | None) -> dict:
+    """command, date, device and versions: the head of a GPU script's result JSON."""
+    return {
+        "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(),
+        "versions": versions(),
+    }
+
+
+def save_result(out: str | Path, name: str, result: dict, plot_fn) -> None:
+    """<out>/<name>.json and <name>.png (``plot_fn(rows, path)``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot_fn(result["rows"], out / f"{name}.png")
+
+
 def launch_floor_us() -> float:
     """Time per kernel of the cheapest kernel there is (one element added to) replayed in a CUDA
     graph: what any one launch costs on this GPU, the floor of a call's fixed cost."""

@@ -47,6 +47,12 @@ def make_slots(spread: str, t: int, s: int, gen: torch.Generator) -> torch.Tenso
     return slot.to(torch.int32)
 
 
+def used_slots(slot: torch.Tensor) -> int | None:
+    """How many distinct slots the tokens use (``sbmm_device``'s ``active``, as the engine knows
+    it); None when every token is base-only."""
+    return len(set(slot[slot >= 0].tolist())) or None
+
+
 def poisoned(t: int, n: int, slot: torch.Tensor, dtype: torch.dtype, gen: torch.Generator,
              device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(init, out) [t, n]: random outputs with NaN in the rows of base-only tokens (they must stay

@@ -11,7 +11,7 @@ from deltahub.kernels import reference
 
 from deltahub.format import QuantLayout
 
-from .kernel_cases import assert_added, make_slots, make_stack, poisoned
+from .kernel_cases import assert_added, make_slots, make_stack, poisoned, used_slots
 
 pytestmark = [
     pytest.mark.gpu,
@@ -128,7 +128,7 @@ def _check_device_layout(bits, dtype, t, config, group_size=None, k=1024, n=304,
     y = reference.sbmm(x.float(), st["qweight"], st["scales"], slot, **kw)
     init, out = poisoned(t, n, slot, dtype, gen, "cuda")
     # zipf: the grid sized by the slots used, as the engine calls it (max_items); else by S
-    active = len(set(slot[slot >= 0].tolist())) or None if spread == "zipf" else None
+    active = used_slots(slot) if spread == "zipf" else None
     sbmm_device(
         x, dev["dw"], dev["scales"], slot, bits=bits, group_size=group_size, k=k, out=out, config=config,
         active=active,

@@ -23,7 +23,7 @@ from deltahub import kernels as K
 from deltahub.errors import CodecError, ShapeMismatchError
 from deltahub.format import QuantLayout
 
-from .kernel_cases import SPREADS, assert_added, make_slots, make_stack, poisoned
+from .kernel_cases import SPREADS, assert_added, make_slots, make_stack, poisoned, used_slots
 
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
@@ -146,7 +146,7 @@ def _run(
         out=out,
         config=config,
         plan_=plan(slot, s) if own_plan else None,
-        active=len(set(slot[slot >= 0].tolist())) or None if active == "exact" else active,
+        active=used_slots(slot) if active == "exact" else active,
     )
     assert_added(init, out, y, slot, TOL[dtype])
 
